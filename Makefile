@@ -1,0 +1,46 @@
+# Every target sets up what it needs: a fresh Debian/Ubuntu machine with Python 3.11+ is enough.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8080
+SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx chromium:chromium docker-compose:docker-compose
+
+.PHONY: run demo test lint fmt typecheck bench bench-quick system-packages clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+system-packages:
+	bash deploy/ensure-packages.sh $(SYSTEM_PACKAGES)
+
+run: $(STAMP)  ## the service on its embedded backend, http://localhost:8080
+	$(BIN)/python -m service --port $(PORT)
+
+demo: $(STAMP)  ## redis-server, 3 instances and nginx as local processes
+	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx
+	$(BIN)/python -m deploy.demo --port $(PORT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(STAMP) system-packages lint typecheck  ## the whole suite
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts

@@ -1,0 +1,221 @@
+"""JSON API handlers: parse and validate, call the backend or the hub, serialize.
+
+Long polls register with the hub BEFORE reading the backend, so an update landing between the
+read and the wait still wakes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from .backend import VersionConflict
+from .errors import ApiError, bad_request
+from .hub import WATCH_KEY, Change
+from .keys import BACKEND, CONFIG, HUB
+from .model import (
+    DEFAULT_TASK,
+    MAX_COUNTER,
+    Cursor,
+    TaskState,
+    parse_counter,
+    parse_cursor,
+    parse_update,
+    validate_task_id,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_WATCH_TASKS = 1000
+
+
+def json_response(data: object, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return raw_json_response(json.dumps(data).encode(), status=status, headers=headers)
+
+
+def raw_json_response(body: bytes, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+def state_response(state: TaskState) -> web.Response:
+    return json_response(state.to_dict(), headers={"ETag": f'"{state.version}"'})
+
+
+def change_response(change: Change) -> web.Response:
+    return raw_json_response(change.body, headers={"ETag": f'"{change.state.version}"'})
+
+
+# --- query parsing ----------------------------------------------------------------------------
+
+
+def _single(request: web.Request, name: str) -> str | None:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise bad_request("duplicate_parameter", f"{name} given more than once")
+    return values[0] if values else None
+
+
+def _required_counter(request: web.Request, name: str) -> int:
+    raw = _single(request, name)
+    if raw is None:
+        raise bad_request("missing_parameter", f"{name} is required")
+    return parse_counter(name, raw)
+
+
+def _poll_timeout(request: web.Request) -> int:
+    """The hold asked for, clamped to the server's cap; the default when none is asked."""
+    config = request.app[CONFIG]
+    raw = _single(request, "timeout")
+    if raw is None:
+        return config.poll_timeout
+    return min(parse_counter("timeout", raw), config.poll_timeout_max)
+
+
+def _task_id(request: web.Request) -> str:
+    return validate_task_id(request.match_info["task_id"])
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return state_response(await request.app[BACKEND].get(DEFAULT_TASK))
+
+
+async def get_task(request: web.Request) -> web.Response:
+    return state_response(await request.app[BACKEND].get(_task_id(request)))
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    states = await request.app[BACKEND].list_tasks()
+    return json_response({"tasks": [state.to_dict() for state in states]})
+
+
+# --- long polls -------------------------------------------------------------------------------
+
+
+async def _poll(request: web.Request, task_id: str, since: int) -> web.StreamResponse:
+    timeout = _poll_timeout(request)
+    hub = request.app[HUB]
+    with hub.waiting(task_id):
+        state = await request.app[BACKEND].get(task_id)
+        if state.version != since:  # also when the client is ahead: it resyncs after a reset
+            return state_response(state)
+        change = await hub.wait_for(task_id, lambda c: c.state.version > since, timeout)
+    if change is None:
+        return web.Response(status=204)
+    return change_response(change)
+
+
+async def poll_status(request: web.Request) -> web.StreamResponse:
+    return await _poll(request, DEFAULT_TASK, _required_counter(request, "last_version"))
+
+
+async def poll_task(request: web.Request) -> web.StreamResponse:
+    task_id = _task_id(request)
+    return await _poll(request, task_id, _required_counter(request, "since"))
+
+
+def _watch_filter(request: web.Request) -> frozenset[str] | None:
+    raw = _single(request, "tasks")
+    if raw is None:
+        return None
+    ids = frozenset(validate_task_id(part) for part in raw.split(","))
+    if len(ids) > MAX_WATCH_TASKS:
+        raise bad_request("too_many_tasks", f"a watch covers at most {MAX_WATCH_TASKS} tasks")
+    return ids
+
+
+async def watch(request: web.Request) -> web.StreamResponse:
+    """Every task changed after the cursor ``since`` (or a snapshot), held like a poll.
+
+    One request covers the whole board, however many tasks it shows and however many are created.
+    """
+    since = parse_cursor(_single(request, "since") or "")
+    only = _watch_filter(request)
+    timeout = _poll_timeout(request)
+    hub, backend = request.app[HUB], request.app[BACKEND]
+    with hub.waiting(WATCH_KEY):
+        batch = await backend.changes_since(since, only)
+        if since is None or batch.reset or batch.tasks:
+            return json_response(batch.to_dict())
+        position = since
+
+        def news(change: Change) -> bool:
+            nonlocal position
+            if change.cursor.epoch != position.epoch:
+                return True  # the store was reset: answer with a snapshot
+            if change.cursor.seq <= position.seq:
+                return False  # stale or duplicate
+            if change.cursor.seq == position.seq + 1 and only and change.state.task not in only:
+                position = change.cursor  # nothing this watch shows happened up to here
+                return False
+            return True
+
+        change = await hub.wait_for(WATCH_KEY, news, timeout)
+        if change is None:
+            return web.Response(status=204)
+        if _follows(change.cursor, position):
+            return raw_json_response(change.watch_body)  # shared by every watch at this cursor
+        batch = await backend.changes_since(position, only)
+    return json_response(batch.to_dict())
+
+
+def _follows(cursor: Cursor, position: Cursor) -> bool:
+    return cursor.epoch == position.epoch and cursor.seq == position.seq + 1
+
+
+# --- writes -----------------------------------------------------------------------------------
+
+
+async def _read_json_body(request: web.Request) -> bytes:
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ApiError(413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    return await request.read()  # the app's client_max_size stops longer chunked bodies (413)
+
+
+async def _write(request: web.Request, task_id: str) -> web.Response:
+    config = request.app[CONFIG]
+    update = parse_update(await _read_json_body(request), config.statuses)
+    try:
+        result = await request.app[BACKEND].write(task_id, update)
+    except VersionConflict as conflict:
+        raise ApiError(
+            409,
+            "version_conflict",
+            f"expected version {update.expected_version}, the task is at {conflict.current.version}",
+            extra={"current": conflict.current.to_dict()},
+        ) from None
+    state = result.state
+    log.info(
+        "task %s: %s -> %s (version %d)", task_id, result.previous.status, state.status, state.version
+    )
+    return state_response(state)
+
+
+async def update_status(request: web.Request) -> web.Response:
+    return await _write(request, DEFAULT_TASK)
+
+
+async def put_task(request: web.Request) -> web.Response:
+    return await _write(request, _task_id(request))
+
+
+def setup_api_routes(app: web.Application) -> None:
+    app.router.add_get("/api/status", get_status, allow_head=False)
+    app.router.add_get("/api/poll-status", poll_status, allow_head=False)
+    app.router.add_post("/api/update-status", update_status)
+    app.router.add_get("/api/tasks", list_tasks, allow_head=False)
+    app.router.add_get("/api/tasks/{task_id}", get_task, allow_head=False)
+    app.router.add_put("/api/tasks/{task_id}", put_task)
+    app.router.add_get("/api/tasks/{task_id}/poll", poll_task, allow_head=False)
+    app.router.add_get("/api/watch", watch, allow_head=False)
+
+
+__all__ = ["MAX_BODY_BYTES", "MAX_COUNTER", "setup_api_routes"]

@@ -1,0 +1,110 @@
+"""Application assembly (``create_app``) and the process entry point (``main``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from .api import MAX_BODY_BYTES, setup_api_routes
+from .backend import create_backend
+from .config import Config, load_config
+from .health import setup_health_routes
+from .hub import Hub
+from .keys import BACKEND, CONFIG, HUB
+from .middleware import add_standard_headers, errors_middleware
+from .views import setup_page_routes
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
+    backend = app[BACKEND]
+    await backend.start(app[HUB].publish)
+    yield
+    await backend.close()
+
+
+async def waiting_clients_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Log the number of waiting clients at an interval, and how many left by disconnecting."""
+    hub, interval = app[HUB], app[CONFIG].log_interval
+
+    async def report() -> None:
+        last: tuple[int, int] | None = None
+        while True:
+            await asyncio.sleep(interval)
+            disconnected = hub.take_disconnected()
+            now = (hub.waiting_total, disconnected)
+            if now != last:
+                log.info(
+                    "waiting clients: %d (%d task polls, %d watches); %d cleaned up after disconnect",
+                    hub.waiting_total,
+                    hub.waiting_polls,
+                    hub.waiting_watches,
+                    disconnected,
+                )
+            last = now
+
+    task = asyncio.create_task(report())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def release_waiters(app: web.Application) -> None:
+    """on_shutdown: held polls answer 204 now, so the graceful stop does not wait them out."""
+    hub = app[HUB]
+    log.info("shutting down: releasing %d waiting clients", hub.waiting_total)
+    hub.close()
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
+    app[CONFIG] = config
+    app[HUB] = Hub()
+    app[BACKEND] = create_backend(config)
+    aiohttp_jinja2.setup(
+        app, loader=jinja2.FileSystemLoader(WEB_DIR / "templates"), autoescape=True
+    )
+    setup_api_routes(app)
+    setup_health_routes(app)
+    setup_page_routes(app)
+    app.router.add_static("/static", WEB_DIR / "static")
+    app.on_response_prepare.append(add_standard_headers)
+    app.cleanup_ctx.append(backend_ctx)
+    app.cleanup_ctx.append(waiting_clients_log_ctx)
+    app.on_shutdown.append(release_waiters)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = load_config(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{config.instance_id}] %(name)s: %(message)s",
+    )
+    log.info(
+        "instance %s on http://%s:%d, backend %s",
+        config.instance_id,
+        config.host,
+        config.port,
+        config.backend_name,
+    )
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        handler_cancellation=True,  # a client that disconnects cancels its poll: no leaked waiter
+        shutdown_timeout=config.shutdown_timeout,
+        access_log=None,
+        print=None,
+    )

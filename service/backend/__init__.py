@@ -1,0 +1,17 @@
+"""State stores, picked by configuration: memory when no Redis URL is set, else redis."""
+
+from __future__ import annotations
+
+from ..config import Config
+from .base import Backend, VersionConflict, WriteResult
+from .memory import MemoryBackend
+
+__all__ = ["Backend", "MemoryBackend", "VersionConflict", "WriteResult", "create_backend"]
+
+
+def create_backend(config: Config) -> Backend:
+    if not config.redis_url:
+        return MemoryBackend(config.statuses)
+    from .redis import RedisBackend  # imported only when used: the embedded mode needs no redis
+
+    return RedisBackend(config.statuses, url=config.redis_url, prefix=config.redis_prefix)

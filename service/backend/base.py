@@ -1,0 +1,67 @@
+"""The interface every state store implements: memory (one process) and redis (a cluster).
+
+A backend owns the truth (states, versions, the change stream) and delivers every change, its own
+writes and those of other instances, to ``publish`` (the hub) once ``start`` returns. It knows
+nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..hub import Change
+from ..model import Cursor, TaskState, TaskUpdate, WatchBatch
+
+Publish = Callable[[Change], None]
+
+
+class VersionConflict(Exception):
+    """``expected_version`` did not match; nothing was written."""
+
+    def __init__(self, current: TaskState) -> None:
+        super().__init__(f"task {current.task} is at version {current.version}")
+        self.current = current
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    previous: TaskState
+    state: TaskState
+
+
+class Backend(ABC):
+    def __init__(self, statuses: tuple[str, ...]) -> None:
+        self.statuses = statuses
+
+    @abstractmethod
+    async def start(self, publish: Publish) -> None:
+        """Connect, and from now on call ``publish`` for every change."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    def is_ready(self) -> bool:
+        """True when writes can be accepted and no change can be missed."""
+        return True
+
+    @abstractmethod
+    async def get(self, task_id: str) -> TaskState:
+        """The task's state; a task never written reads as its initial state, version 0."""
+
+    @abstractmethod
+    async def list_tasks(self) -> list[TaskState]:
+        """Every task that was ever written, oldest change first."""
+
+    @abstractmethod
+    async def write(self, task_id: str, update: TaskUpdate) -> WriteResult:
+        """Apply ``update`` atomically: version + 1, or ``VersionConflict`` and no change."""
+
+    @abstractmethod
+    async def changes_since(self, since: Cursor | None, only: frozenset[str] | None) -> WatchBatch:
+        """Tasks changed after ``since`` (limited to ``only`` when given) and the cursor now.
+
+        With no cursor, or one from another epoch or ahead of the store, answer a snapshot of all
+        (``reset=True``) so the client replaces what it holds.
+        """

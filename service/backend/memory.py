@@ -1,0 +1,65 @@
+"""The embedded backend: state in this process, for a single instance with nothing else installed."""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+
+from ..hub import Change
+from ..model import Cursor, TaskState, TaskUpdate, WatchBatch, initial_state, utc_now_iso
+from .base import Backend, Publish, VersionConflict, WriteResult
+
+
+class MemoryBackend(Backend):
+    def __init__(self, statuses: tuple[str, ...]) -> None:
+        super().__init__(statuses)
+        # Ordered by the sequence number of each task's last change, so a watch reads only the
+        # tail it has not seen instead of every task.
+        self._tasks: OrderedDict[str, tuple[TaskState, int]] = OrderedDict()
+        self._seq = 0
+        # A new process starts from empty state: a new epoch tells watchers to take a snapshot.
+        self._epoch = secrets.token_hex(4)
+        self._publish: Publish | None = None
+
+    async def start(self, publish: Publish) -> None:
+        self._publish = publish
+
+    async def close(self) -> None:
+        self._publish = None
+
+    async def get(self, task_id: str) -> TaskState:
+        return self._state(task_id)
+
+    def _state(self, task_id: str) -> TaskState:
+        entry = self._tasks.get(task_id)
+        return entry[0] if entry else initial_state(task_id, self.statuses)
+
+    async def list_tasks(self) -> list[TaskState]:
+        return [state for state, _ in self._tasks.values()]
+
+    async def write(self, task_id: str, update: TaskUpdate) -> WriteResult:
+        # No await from here to the publish: the event loop makes this one atomic step.
+        current = self._state(task_id)
+        if update.expected_version is not None and update.expected_version != current.version:
+            raise VersionConflict(current)
+        state = update.apply(current, utc_now_iso())
+        self._seq += 1
+        self._tasks[task_id] = (state, self._seq)
+        self._tasks.move_to_end(task_id)
+        if self._publish is not None:
+            self._publish(Change(state, Cursor(self._epoch, self._seq)))
+        return WriteResult(previous=current, state=state)
+
+    async def changes_since(self, since: Cursor | None, only: frozenset[str] | None) -> WatchBatch:
+        cursor = Cursor(self._epoch, self._seq)
+        if since is None or since.epoch != self._epoch or since.seq > self._seq:
+            tasks = [s for s, _ in self._tasks.values() if only is None or s.task in only]
+            return WatchBatch(cursor=cursor, tasks=tasks, reset=True)
+        changed = []
+        for state, seq in reversed(self._tasks.values()):
+            if seq <= since.seq:
+                break
+            if only is None or state.task in only:
+                changed.append(state)
+        changed.reverse()
+        return WatchBatch(cursor=cursor, tasks=changed)

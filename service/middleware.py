@@ -1,0 +1,66 @@
+"""Response headers every answer carries, and the one place errors become JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .errors import ApiError, BackendUnavailable
+from .keys import CONFIG
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = "2"
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(error: ApiError) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=json.dumps(error.body()).encode(),
+        content_type="application/json",
+        headers=error.headers,
+    )
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error_response(error)
+    except BackendUnavailable as exc:
+        return error_response(
+            ApiError(
+                503,
+                "backend_unavailable",
+                f"the state store is unreachable, retry later ({exc})",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return error_response(ApiError(exc.status, code, exc.reason, headers=headers))
+    except Exception:
+        # A bug, not a client mistake: keep the traceback, answer in the same JSON shape.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal_error", "internal server error"))
+
+
+async def add_standard_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: runs for every response, errors and static files included."""
+    response.headers["X-Served-By"] = request.app[CONFIG].instance_id
+    if request.path.startswith("/api/"):
+        response.headers["Cache-Control"] = "no-store"

@@ -1,0 +1,37 @@
+"""HTML pages: thin handlers returning template context; the page script does the live part."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from .keys import CONFIG
+from .model import DEFAULT_TASK, validate_task_id
+
+
+def _page_context(request: web.Request) -> dict[str, Any]:
+    config = request.app[CONFIG]
+    return {
+        "statuses": config.statuses,
+        "instance_id": config.instance_id,
+        "default_task": DEFAULT_TASK,
+        "poll_timeout": config.poll_timeout,
+    }
+
+
+@aiohttp_jinja2.template("board.html")
+async def board(request: web.Request) -> dict[str, Any]:
+    return _page_context(request)
+
+
+@aiohttp_jinja2.template("task.html")
+async def task_page(request: web.Request) -> dict[str, Any]:
+    task_id = validate_task_id(request.match_info["task_id"])
+    return {**_page_context(request), "task_id": task_id}
+
+
+def setup_page_routes(app: web.Application) -> None:
+    app.router.add_get("/", board)
+    app.router.add_get("/tasks/{task_id}", task_page)
