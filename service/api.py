@@ -33,11 +33,15 @@ MAX_BODY_BYTES = 16 * 1024
 MAX_WATCH_TASKS = 1000
 
 
-def json_response(data: object, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+def json_response(
+    data: object, *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
     return raw_json_response(json.dumps(data).encode(), status=status, headers=headers)
 
 
-def raw_json_response(body: bytes, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+def raw_json_response(
+    body: bytes, *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
@@ -189,12 +193,16 @@ async def _write(request: web.Request, task_id: str) -> web.Response:
         raise ApiError(
             409,
             "version_conflict",
-            f"expected version {update.expected_version}, the task is at {conflict.current.version}",
+            f"expected version {update.expected_version}, task is at {conflict.current.version}",
             extra={"current": conflict.current.to_dict()},
         ) from None
     state = result.state
     log.info(
-        "task %s: %s -> %s (version %d)", task_id, result.previous.status, state.status, state.version
+        "task %s: %s -> %s (version %d)",
+        task_id,
+        result.previous.status,
+        state.status,
+        state.version,
     )
     return state_response(state)
 

@@ -28,7 +28,7 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
     backend = app[BACKEND]
-    await backend.start(app[HUB].publish)
+    await backend.start(app[HUB])
     yield
     await backend.close()
 
@@ -45,7 +45,7 @@ async def waiting_clients_log_ctx(app: web.Application) -> AsyncIterator[None]:
             now = (hub.waiting_total, disconnected)
             if now != last:
                 log.info(
-                    "waiting clients: %d (%d task polls, %d watches); %d cleaned up after disconnect",
+                    "waiting clients: %d (%d task polls, %d watches); %d left by disconnecting",
                     hub.waiting_total,
                     hub.waiting_polls,
                     hub.waiting_watches,

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .model import DEFAULT_STATUSES, TASK_ID_PATTERN
-
-import re
 
 
 @dataclass(frozen=True)
@@ -50,24 +49,22 @@ def _statuses(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
-def load_config(
-    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
-) -> Config:
+def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Build the config: defaults, then environment variables, then command-line flags."""
     env = os.environ if env is None else env
-    d = Config.__dataclass_fields__
+    d = Config()  # the defaults
     parser = argparse.ArgumentParser(
         prog="python -m service", description="Real-time task status over HTTP long polling."
     )
-    parser.add_argument("--host", default=env.get("HOST", d["host"].default))
-    parser.add_argument("--port", type=int, default=int(env.get("PORT", d["port"].default)))
+    parser.add_argument("--host", default=env.get("HOST", d.host))
+    parser.add_argument("--port", type=int, default=int(env.get("PORT", str(d.port))))
     parser.add_argument(
-        "--poll-timeout", type=int, default=int(env.get("POLL_TIMEOUT", d["poll_timeout"].default))
+        "--poll-timeout", type=int, default=int(env.get("POLL_TIMEOUT", str(d.poll_timeout)))
     )
     parser.add_argument(
         "--poll-timeout-max",
         type=int,
-        default=int(env.get("POLL_TIMEOUT_MAX", d["poll_timeout_max"].default)),
+        default=int(env.get("POLL_TIMEOUT_MAX", str(d.poll_timeout_max))),
     )
     parser.add_argument(
         "--statuses",
@@ -75,21 +72,19 @@ def load_config(
         default=_statuses(env.get("STATUSES", ",".join(DEFAULT_STATUSES))),
         help="comma-separated; the first is the status of a task never written",
     )
-    parser.add_argument("--log-level", default=env.get("LOG_LEVEL", d["log_level"].default))
+    parser.add_argument("--log-level", default=env.get("LOG_LEVEL", d.log_level))
     parser.add_argument("--instance-id", default=env.get("INSTANCE_ID", ""))
     parser.add_argument("--redis-url", default=env.get("REDIS_URL", ""))
-    parser.add_argument(
-        "--redis-prefix", default=env.get("REDIS_PREFIX", d["redis_prefix"].default)
-    )
+    parser.add_argument("--redis-prefix", default=env.get("REDIS_PREFIX", d.redis_prefix))
     parser.add_argument(
         "--log-interval",
         type=float,
-        default=float(env.get("LOG_INTERVAL", d["log_interval"].default)),
+        default=float(env.get("LOG_INTERVAL", str(d.log_interval))),
     )
     parser.add_argument(
         "--shutdown-timeout",
         type=float,
-        default=float(env.get("SHUTDOWN_TIMEOUT", d["shutdown_timeout"].default)),
+        default=float(env.get("SHUTDOWN_TIMEOUT", str(d.shutdown_timeout))),
     )
     args = parser.parse_args(argv)
     try:

@@ -1,9 +1,9 @@
 """The hub owns the waiters of this instance and wakes them when a change arrives.
 
-Data flows one way: a backend calls ``Hub.publish`` with each change (the memory backend right after
-a write, the redis backend from its one pub/sub reader); the hub resolves ONE future per task, shared
-by every waiter of that task, plus one future shared by every watch. A change is serialized once, on
-first use, whatever the number of waiters it wakes.
+Data flows one way: a backend calls ``Hub.publish`` with each change (the memory backend right
+after a write, the redis backend from its one pub/sub reader); the hub resolves ONE future per
+task, shared by every waiter of that task, plus one future shared by every watch. A change is
+serialized once, on first use, whatever the number of waiters it wakes.
 
 A wake-up is a hint: waiters compare versions (or cursors) and ignore stale or duplicate changes.
 """
@@ -24,7 +24,7 @@ WATCH_KEY = "*"  # not a valid task id, so it never collides with one
 class Change:
     """One accepted write as every instance sees it: the new state and its place in the stream."""
 
-    __slots__ = ("state", "cursor", "_body", "_watch_body")
+    __slots__ = ("_body", "_watch_body", "cursor", "state")
 
     def __init__(self, state: TaskState, cursor: Cursor) -> None:
         self.state = state
@@ -94,15 +94,15 @@ class Hub:
                 self._futures.pop(key, None)
 
     async def wait_for(
-        self, key: str, accept: Callable[[Change], bool], timeout: float
+        self, key: str, accept: Callable[[Change], bool], hold: float
     ) -> Change | None:
         """The first change on ``key`` that ``accept`` takes, or None at timeout or shutdown."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + hold
         try:
             async with asyncio.timeout_at(deadline):
                 while not self._closed:
-                    # shield: a waiter that times out or disconnects must not cancel the shared future
+                    # shield: a waiter that times out or leaves must not cancel the shared future
                     change = await asyncio.shield(self._future(key))
                     if change is None:
                         return None

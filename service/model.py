@@ -28,7 +28,7 @@ UPDATE_FIELDS: Final = frozenset({"status", "progress", "message", "expected_ver
 
 
 class Unset(Enum):
-    """Marks an update field the client left out (keep the current value), unlike ``None`` (clear it)."""
+    """An update field the client left out (keep the value), unlike ``None`` (clear it)."""
 
     UNSET = "unset"
 
@@ -81,8 +81,8 @@ class TaskUpdate:
     """A validated write. Fields left ``UNSET`` keep their current value; ``None`` clears them."""
 
     status: str | Unset = UNSET
-    progress: int | None | Unset = UNSET
-    message: str | None | Unset = UNSET
+    progress: int | Unset | None = UNSET
+    message: str | Unset | None = UNSET
     expected_version: int | None = None
 
     def apply(self, current: TaskState, now: str) -> TaskState:
@@ -111,7 +111,7 @@ class Cursor:
 
 @dataclass(frozen=True, slots=True)
 class WatchBatch:
-    """What a watch answers: tasks changed after a cursor, the new cursor, and whether it is a snapshot."""
+    """A watch's answer: tasks changed after a cursor, the new cursor, whether it is a snapshot."""
 
     cursor: Cursor
     tasks: list[TaskState] = field(default_factory=list)
@@ -191,7 +191,7 @@ def _parse_json_object(raw: bytes) -> dict[str, Any]:
 
 
 def parse_update(raw: bytes, statuses: tuple[str, ...]) -> TaskUpdate:
-    """Validate a write body; every rule a write obeys is checked here, before any state is touched."""
+    """Validate a write body: every rule a write obeys, checked before any state is touched."""
     data = _parse_json_object(raw)
     unknown = sorted(set(data) - UPDATE_FIELDS)
     if unknown:
@@ -205,21 +205,23 @@ def parse_update(raw: bytes, statuses: tuple[str, ...]) -> TaskUpdate:
             raise bad_request("invalid_status", f"status must be one of: {', '.join(statuses)}")
         status = data["status"]
 
-    progress: int | None | Unset = UNSET
+    progress: int | Unset | None = UNSET
     if "progress" in data:
         value = data["progress"]
         if value is not None and not (_is_int(value) and 0 <= value <= 100):
-            raise bad_request("invalid_progress", "progress must be an integer from 0 to 100, or null")
+            raise bad_request("invalid_progress", "progress must be an integer 0..100, or null")
         progress = value
 
-    message: str | None | Unset = UNSET
+    message: str | Unset | None = UNSET
     if "message" in data:
         value = data["message"]
         if value is not None and not isinstance(value, str):
             raise bad_request("invalid_message", "message must be a string or null")
         if isinstance(value, str):
             if len(value) > MESSAGE_MAX_CHARS:
-                raise bad_request("invalid_message", f"message must be at most {MESSAGE_MAX_CHARS} characters")
+                raise bad_request(
+                    "invalid_message", f"message must be at most {MESSAGE_MAX_CHARS} characters"
+                )
             if _CONTROL_RE.search(value) or not _is_encodable(value):
                 raise bad_request(
                     "invalid_message", "message must be text without control characters"
@@ -228,6 +230,8 @@ def parse_update(raw: bytes, statuses: tuple[str, ...]) -> TaskUpdate:
 
     expected = data.get("expected_version")
     if expected is not None and not (_is_int(expected) and 0 <= expected <= MAX_COUNTER):
-        raise bad_request("invalid_expected_version", "expected_version must be a non-negative integer")
+        raise bad_request(
+            "invalid_expected_version", "expected_version must be a non-negative integer"
+        )
 
     return TaskUpdate(status=status, progress=progress, message=message, expected_version=expected)

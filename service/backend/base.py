@@ -1,20 +1,28 @@
 """The interface every state store implements: memory (one process) and redis (a cluster).
 
 A backend owns the truth (states, versions, the change stream) and delivers every change, its own
-writes and those of other instances, to ``publish`` (the hub) once ``start`` returns. It knows
+writes and those of other instances, to a ``ChangeSink`` (the hub) once ``start`` returns. It knows
 nothing of HTTP.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..hub import Change
 from ..model import Cursor, TaskState, TaskUpdate, WatchBatch
 
-Publish = Callable[[Change], None]
+
+class ChangeSink(Protocol):
+    """Where a backend delivers changes: the hub."""
+
+    def publish(self, change: Change) -> None: ...
+
+    def watched_tasks(self) -> list[str]:
+        """Task ids with waiters, to re-read after a gap in the change stream."""
+        ...
 
 
 class VersionConflict(Exception):
@@ -36,8 +44,8 @@ class Backend(ABC):
         self.statuses = statuses
 
     @abstractmethod
-    async def start(self, publish: Publish) -> None:
-        """Connect, and from now on call ``publish`` for every change."""
+    async def start(self, sink: ChangeSink) -> None:
+        """Connect, and from now on call ``sink.publish`` for every change."""
 
     @abstractmethod
     async def close(self) -> None: ...

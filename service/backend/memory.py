@@ -1,4 +1,4 @@
-"""The embedded backend: state in this process, for a single instance with nothing else installed."""
+"""The embedded backend: state in this process, for one instance with nothing else installed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 from ..hub import Change
 from ..model import Cursor, TaskState, TaskUpdate, WatchBatch, initial_state, utc_now_iso
-from .base import Backend, Publish, VersionConflict, WriteResult
+from .base import Backend, ChangeSink, VersionConflict, WriteResult
 
 
 class MemoryBackend(Backend):
@@ -19,13 +19,13 @@ class MemoryBackend(Backend):
         self._seq = 0
         # A new process starts from empty state: a new epoch tells watchers to take a snapshot.
         self._epoch = secrets.token_hex(4)
-        self._publish: Publish | None = None
+        self._sink: ChangeSink | None = None
 
-    async def start(self, publish: Publish) -> None:
-        self._publish = publish
+    async def start(self, sink: ChangeSink) -> None:
+        self._sink = sink
 
     async def close(self) -> None:
-        self._publish = None
+        self._sink = None
 
     async def get(self, task_id: str) -> TaskState:
         return self._state(task_id)
@@ -46,8 +46,8 @@ class MemoryBackend(Backend):
         self._seq += 1
         self._tasks[task_id] = (state, self._seq)
         self._tasks.move_to_end(task_id)
-        if self._publish is not None:
-            self._publish(Change(state, Cursor(self._epoch, self._seq)))
+        if self._sink is not None:
+            self._sink.publish(Change(state, Cursor(self._epoch, self._seq)))
         return WriteResult(previous=current, state=state)
 
     async def changes_since(self, since: Cursor | None, only: frozenset[str] | None) -> WatchBatch:

@@ -1,0 +1,251 @@
+"""The Redis backend: state in Redis, every change fanned out over ONE pub/sub subscription.
+
+Key layout (``prefix`` defaults to ``taskstatus:``):
+
+- ``{prefix}task:{id}``  hash: ``state`` (the state as JSON), ``version``, ``seq``
+- ``{prefix}changes``    sorted set: task id -> ``seq`` of its last change (the watch index)
+- ``{prefix}seq``        the global change counter
+- ``{prefix}epoch``      a random id of this data set; a new one tells watchers to resnapshot
+- channel ``{prefix}changes``: one message per write, ``{"epoch", "seq", "state"}``
+
+Writes are one Lua script (``lua/write.lua``). The reader task subscribes, then re-reads every task
+that has waiters and the newest change, so whatever was published while it was not subscribed still
+reaches its waiters; only then does the instance report ready. It reconnects forever, with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from ..errors import BackendUnavailable
+from ..hub import Change
+from ..model import UNSET, Cursor, TaskState, TaskUpdate, WatchBatch, initial_state
+from .base import Backend, ChangeSink, VersionConflict, WriteResult
+
+log = logging.getLogger(__name__)
+
+_LUA = Path(__file__).with_name("lua")
+SOCKET_TIMEOUT = 2.0  # seconds: a write fails fast (503) rather than hanging while Redis is away
+FIRST_SUBSCRIBE_WAIT = 5.0  # seconds start() waits for the subscription before serving anyway
+RECONNECT_BASE, RECONNECT_CAP = 0.05, 2.0  # seconds, exponential backoff with full jitter
+HEALTH_CHECK_INTERVAL = 5  # seconds of silence before the subscriber PINGs Redis
+
+
+def _connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)
+
+
+def full_jitter_backoff(attempt: int) -> float:
+    """Seconds to wait before reconnect attempt ``attempt`` (1, 2, ...): spread, capped."""
+    return random.uniform(0, min(RECONNECT_CAP, RECONNECT_BASE * 2**attempt))
+
+
+def _field_args(value: object) -> tuple[str, str]:
+    """(mode, value) for one optional field of the write script."""
+    if value is UNSET:
+        return "keep", ""
+    if value is None:
+        return "null", ""
+    return "set", str(value)
+
+
+def parse_change(data: bytes) -> Change:
+    message = json.loads(data)
+    return Change(TaskState.from_dict(message["state"]), Cursor(message["epoch"], message["seq"]))
+
+
+class RedisBackend(Backend):
+    def __init__(self, statuses: tuple[str, ...], *, url: str, prefix: str) -> None:
+        super().__init__(statuses)
+        self._url = url
+        self._prefix = prefix
+        self._channel = f"{prefix}changes"
+        self._index_key = f"{prefix}changes"
+        self._seq_key = f"{prefix}seq"
+        self._epoch_key = f"{prefix}epoch"
+        # No retries: a write whose reply was lost must not run twice (it would skip a version).
+        self._redis = Redis.from_url(
+            url,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._write_script = self._redis.register_script((_LUA / "write.lua").read_text())
+        self._changes_script = self._redis.register_script((_LUA / "changes.lua").read_text())
+        self._sink: ChangeSink | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._live = asyncio.Event()
+
+    def _task_key(self, task_id: str) -> str:
+        return f"{self._prefix}task:{task_id}"
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, sink: ChangeSink) -> None:
+        self._sink = sink
+        self._reader = asyncio.create_task(self._read_changes(), name="redis-subscriber")
+        try:
+            await asyncio.wait_for(self._live.wait(), FIRST_SUBSCRIBE_WAIT)
+        except TimeoutError:
+            log.warning("redis subscription not live yet at %s; serving, not ready", self._url)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._redis.aclose()
+
+    def is_ready(self) -> bool:
+        return self._live.is_set()
+
+    # --- the one subscription ----------------------------------------------------------------
+
+    async def _read_changes(self) -> None:
+        """Subscribe, resync, deliver; on any failure reconnect with backoff. Never dies."""
+        attempt = 0
+        outage_since: float | None = None
+        while True:
+            pubsub: PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                await self._resync()
+                self._live.set()
+                if outage_since is not None:
+                    log.warning(
+                        "redis subscription restored after %.1f s", time.monotonic() - outage_since
+                    )
+                outage_since, attempt = None, 0
+                await self._deliver_messages(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._live.clear()
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    if _connection_error(exc):
+                        log.warning("redis subscription lost (%s); reconnecting", exc)
+                    else:
+                        log.exception("redis subscriber failed; reconnecting")
+                attempt += 1
+                await asyncio.sleep(full_jitter_backoff(attempt))
+            finally:
+                self._live.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _deliver_messages(self, pubsub: PubSub) -> None:
+        last_ping = time.monotonic()
+        while True:
+            # A bounded wait, not a spin: returns None after a second of silence.
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None and message["type"] == "message":
+                self._publish(parse_change(message["data"]))
+            elif time.monotonic() - last_ping > HEALTH_CHECK_INTERVAL:
+                # A half-open connection shows up as a failed PING, not as silence.
+                await pubsub.ping()
+                last_ping = time.monotonic()
+
+    def _publish(self, change: Change) -> None:
+        if self._sink is not None:
+            self._sink.publish(change)
+
+    async def _resync(self) -> None:
+        """Re-read what waiters may have missed while unsubscribed, and hand it to the hub.
+
+        For each task with waiters, its state; for watches, the newest change. Waiters compare
+        versions and cursors, so re-delivering what they already know is harmless.
+        """
+        if self._sink is None:
+            return
+        task_ids = self._sink.watched_tasks()
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._epoch_key, secrets.token_hex(4), nx=True)
+        pipe.get(self._epoch_key)
+        pipe.zrevrange(self._index_key, 0, 0)
+        for task_id in task_ids:
+            pipe.hmget(self._task_key(task_id), "state", "seq")
+        _, epoch, newest, *entries = await pipe.execute()
+        if newest:
+            newest_id = newest[0].decode()
+            if newest_id not in task_ids:
+                task_ids.append(newest_id)
+                entries.append(await self._redis.hmget(self._task_key(newest_id), "state", "seq"))
+        cursor_epoch = epoch.decode()
+        for state_json, seq in entries:
+            if state_json is not None:
+                state = TaskState.from_dict(json.loads(state_json))
+                self._publish(Change(state, Cursor(cursor_epoch, int(seq))))
+
+    # --- reads and writes --------------------------------------------------------------------
+
+    async def _call(self, coro: Any) -> Any:
+        """Await a Redis command; an unreachable Redis becomes BackendUnavailable (503)."""
+        try:
+            return await coro
+        except RedisError as exc:
+            if not _connection_error(exc):
+                log.exception("redis command failed")
+            raise BackendUnavailable(type(exc).__name__) from exc
+        except OSError as exc:
+            raise BackendUnavailable(type(exc).__name__) from exc
+
+    async def get(self, task_id: str) -> TaskState:
+        raw = await self._call(self._redis.hget(self._task_key(task_id), "state"))
+        if raw is None:
+            return initial_state(task_id, self.statuses)
+        return TaskState.from_dict(json.loads(raw))
+
+    async def list_tasks(self) -> list[TaskState]:
+        return (await self.changes_since(None, None)).tasks
+
+    async def write(self, task_id: str, update: TaskUpdate) -> WriteResult:
+        expected = "" if update.expected_version is None else str(update.expected_version)
+        args = [
+            task_id,
+            self.statuses[0],
+            expected,
+            secrets.token_hex(4),
+            self._channel,
+            *_field_args(update.status),
+            *_field_args(update.progress),
+            *_field_args(update.message),
+        ]
+        keys = [self._task_key(task_id), self._index_key, self._seq_key, self._epoch_key]
+        outcome, *rest = await self._call(self._write_script(keys=keys, args=args))
+        if outcome == b"conflict":
+            raise VersionConflict(TaskState.from_dict(json.loads(rest[0])))
+        previous_status, state_json = rest
+        state = TaskState.from_dict(json.loads(state_json))
+        previous = TaskState(task_id, previous_status.decode(), version=state.version - 1)
+        return WriteResult(previous=previous, state=state)
+
+    async def changes_since(self, since: Cursor | None, only: frozenset[str] | None) -> WatchBatch:
+        args: list[str | int] = [
+            self._task_key(""),
+            since.epoch if since else "",
+            since.seq if since else 0,
+            secrets.token_hex(4),
+        ]
+        keys = [self._index_key, self._seq_key, self._epoch_key]
+        epoch, seq, reset, *states = await self._call(self._changes_script(keys=keys, args=args))
+        tasks = [TaskState.from_dict(json.loads(raw)) for raw in states]
+        if only is not None:
+            tasks = [state for state in tasks if state.task in only]
+        return WatchBatch(cursor=Cursor(epoch.decode(), int(seq)), tasks=tasks, reset=bool(reset))
