@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .keys import BACKEND, CONFIG
+from .keys import BACKEND, CONFIG, HUB
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Alive: the process answers HTTP."""
-    return web.json_response({"status": "ok", "instance": request.app[CONFIG].instance_id})
+    """Alive: the process answers HTTP. Also tells how many clients wait here now."""
+    hub = request.app[HUB]
+    return web.json_response(
+        {
+            "status": "ok",
+            "instance": request.app[CONFIG].instance_id,
+            "waiting": {"polls": hub.waiting_polls, "watches": hub.waiting_watches},
+        }
+    )
 
 
 async def readyz(request: web.Request) -> web.Response:

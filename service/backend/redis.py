@@ -86,7 +86,7 @@ class RedisBackend(Backend):
             socket_connect_timeout=SOCKET_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
         )
-        self._write_script = self._redis.register_script((_LUA / "write.lua").read_text())
+        self.write_script = self._redis.register_script((_LUA / "write.lua").read_text())
         self._changes_script = self._redis.register_script((_LUA / "changes.lua").read_text())
         self._sink: ChangeSink | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -215,8 +215,10 @@ class RedisBackend(Backend):
     async def list_tasks(self) -> list[TaskState]:
         return (await self.changes_since(None, None)).tasks
 
-    async def write(self, task_id: str, update: TaskUpdate) -> WriteResult:
+    def write_call(self, task_id: str, update: TaskUpdate) -> tuple[list[str], list[str]]:
+        """The write script's keys and arguments for ``update`` of ``task_id``."""
         expected = "" if update.expected_version is None else str(update.expected_version)
+        keys = [self._task_key(task_id), self._index_key, self._seq_key, self._epoch_key]
         args = [
             task_id,
             self.statuses[0],
@@ -227,8 +229,11 @@ class RedisBackend(Backend):
             *_field_args(update.progress),
             *_field_args(update.message),
         ]
-        keys = [self._task_key(task_id), self._index_key, self._seq_key, self._epoch_key]
-        outcome, *rest = await self._call(self._write_script(keys=keys, args=args))
+        return keys, args
+
+    async def write(self, task_id: str, update: TaskUpdate) -> WriteResult:
+        keys, args = self.write_call(task_id, update)
+        outcome, *rest = await self._call(self.write_script(keys=keys, args=args))
         if outcome == b"conflict":
             raise VersionConflict(TaskState.from_dict(json.loads(rest[0])))
         previous_status, state_json = rest

@@ -1,0 +1,301 @@
+"""Start and stop the cluster's real processes: redis-server, service instances, nginx.
+
+One module for `make demo` (deploy/demo.py) and the tests (tests/conftest.py), so both run the
+cluster the same way, with the same nginx config (deploy/nginx/nginx.conf). Everything binds to
+127.0.0.1; readiness is awaited by probing, with deadlines, never by fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def find_program(name: str) -> str:
+    """A Debian program, which may live in /usr/sbin, outside a normal user's PATH."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
+    if not found:
+        raise RuntimeError(f"{name} not found: run `make system-packages` (apt-get install {name})")
+    return found
+
+
+def wait_until(check: object, what: str, timeout: float = 15.0) -> None:
+    """Probe ``check()`` until it is true; fail with ``what`` after ``timeout`` seconds."""
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
+    """The status of GET path on 127.0.0.1:port, or None when nothing answers."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+@dataclass
+class Managed:
+    """One child process, with its log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child's life)
+        self.process = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
+            cwd=REPO,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def send(self, signum: int) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Send ``signum`` and wait for the exit (SIGKILL after ``timeout``); the exit code."""
+        if self.process is None:
+            return None
+        if self.running:
+            self.process.send_signal(signum)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class RedisServer(Managed):
+    def __init__(self, workdir: Path, port: int | None = None, *, durable: bool = False) -> None:
+        self.port = port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            find_program("redis-server"),
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--dir", str(workdir),
+            "--save", "",
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        if durable:  # every acknowledged write is on disk before Redis answers
+            argv += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            argv += ["--appendonly", "no"]
+        super().__init__("redis", argv, workdir / "redis.log")
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self) -> None:
+        super().start()
+        wait_until(lambda: self.ping(), f"redis-server on port {self.port}")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """Run one command with redis-cli (test helpers: CLIENT KILL, FLUSHALL, ...)."""
+        cli = find_program("redis-cli")
+        return subprocess.run(
+            [cli, "-h", HOST, "-p", str(self.port), *args], check=True, capture_output=True
+        ).stdout
+
+
+class Instance(Managed):
+    """One service process (`python -m service`)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        instance_id: str,
+        *,
+        redis_url: str = "",
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.instance_id = instance_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable, "-m", "service",
+            "--host", HOST,
+            "--port", str(self.port),
+            "--instance-id", instance_id,
+            "--redis-url", redis_url,
+            *extra_args,
+        ]  # fmt: skip
+        super().__init__(instance_id, argv, workdir / f"{instance_id}.log", env=env or {})
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, *, ready: bool = True) -> None:
+        """Start, and wait until /readyz answers 200 (or only /healthz, with ready=False)."""
+        super().start()
+        probe = "/readyz" if ready else "/healthz"
+
+        def up() -> bool:
+            if not self.running:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
+            return http_status(self.port, probe) == 200
+
+        wait_until(up, f"{self.name} {probe}")
+
+
+class Nginx(Managed):
+    """nginx with the repo's config, listening on ``port``, balancing over ``upstream_ports``."""
+
+    def __init__(self, workdir: Path, upstream_ports: Sequence[int], port: int | None = None):
+        self.port = port or free_port()
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / "nginx.conf"
+        conf.unlink(missing_ok=True)
+        conf.symlink_to(NGINX_CONF)  # the very same file compose mounts
+        (workdir / "listen.conf").write_text(f"listen {HOST}:{self.port};\n")
+        self.write_upstreams(upstream_ports)
+        directives = "daemon off;"
+        if os.geteuid() == 0:
+            directives += " user root;"  # workers can reach a private temp folder
+        argv = [
+            find_program("nginx"), "-p", f"{workdir}/", "-c", str(conf), "-e", "stderr",
+            "-g", directives,
+        ]  # fmt: skip
+        super().__init__("nginx", argv, workdir / "nginx.log")
+
+    def write_upstreams(self, ports: Sequence[int]) -> None:
+        lines = [f"server {HOST}:{p} max_fails=1 fail_timeout=5s;" for p in ports]
+        (self.workdir / "upstream.conf").write_text("\n".join(lines) + "\n")
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        super().start()
+
+        def up() -> bool:
+            if not self.running:
+                raise RuntimeError(f"nginx exited:\n{self.log_text()[-3000:]}")
+            return port_open(self.port)
+
+        wait_until(up, f"nginx on port {self.port}")
+
+
+@dataclass
+class Cluster:
+    redis: RedisServer
+    instances: list[Instance]
+    nginx: Nginx
+
+    @property
+    def url(self) -> str:
+        return self.nginx.url
+
+    def stop(self) -> None:
+        for child in [self.nginx, *self.instances, self.redis]:
+            with contextlib.suppress(Exception):
+                child.stop()
+
+
+@contextlib.contextmanager
+def running_cluster(
+    workdir: Path,
+    *,
+    instances: int = 3,
+    port: int | None = None,
+    instance_ports: Sequence[int] = (),
+    redis_port: int | None = None,
+    durable_redis: bool = False,
+    instance_args: Sequence[str] = (),
+    prefix: str = "taskstatus:",
+) -> Iterator[Cluster]:
+    """redis-server, ``instances`` service processes and nginx in front; all stopped on exit."""
+    redis = RedisServer(workdir / "redis", redis_port, durable=durable_redis)
+    apps = [
+        Instance(
+            workdir / "instances",
+            f"instance-{n + 1}",
+            redis_url=redis.url,
+            port=instance_ports[n] if n < len(instance_ports) else None,
+            extra_args=["--redis-prefix", prefix, *instance_args],
+        )
+        for n in range(instances)
+    ]
+    nginx = Nginx(workdir / "nginx", [app.port for app in apps], port)
+    cluster = Cluster(redis, apps, nginx)
+    try:
+        redis.start()
+        for app in apps:
+            app.start()
+        nginx.start()
+        yield cluster
+    finally:
+        cluster.stop()
