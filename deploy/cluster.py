@@ -89,6 +89,8 @@ class Managed:
             stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env},
             cwd=REPO,
+            # Own session: Ctrl-C reaches only the runner, which stops the children in order.
+            start_new_session=True,
         )
 
     @property
@@ -148,7 +150,13 @@ class RedisServer(Managed):
 
     def start(self) -> None:
         super().start()
-        wait_until(lambda: self.ping(), f"redis-server on port {self.port}")
+
+        def up() -> bool:
+            if not self.running:  # e.g. the port is taken: that PONG would not be ours
+                raise RuntimeError(f"redis-server exited:\n{self.log_text()[-3000:]}")
+            return self.ping()
+
+        wait_until(up, f"redis-server on port {self.port}")
 
     def ping(self) -> bool:
         try:
