@@ -1,0 +1,199 @@
+// Page wiring: reads the config the server put in data- attributes, starts one long poll for the
+// tab, and turns the user's actions (status selector, create form) into PUTs.
+import { Board } from "./board.js";
+import { LongPoll } from "./watch.js";
+
+const app = document.getElementById("app");
+const config = {
+  page: app.dataset.page, // "board" or "task"
+  taskId: app.dataset.taskId ?? null,
+  holdSeconds: Number(app.dataset.pollTimeout),
+  defaultState: JSON.parse(app.dataset.defaultState),
+};
+
+const connection = document.getElementById("connection");
+const connectionText = document.getElementById("connection-text");
+const connectionDetail = document.getElementById("connection-detail");
+const servedBy = document.getElementById("served-by");
+
+const WRITE_TIMEOUT_MS = 10_000;
+const CONNECTION_LABELS = { live: "Live", reconnecting: "Reconnecting…", error: "Error" };
+
+function showConnection(state, detail) {
+  connection.dataset.state = state;
+  connectionText.textContent = CONNECTION_LABELS[state] ?? state;
+  connectionDetail.textContent = detail;
+  connection.title = detail;
+}
+
+function showServedBy(instance) {
+  servedBy.textContent = instance;
+}
+
+const board = new Board({
+  container: document.getElementById("board"),
+  template: document.getElementById("task-template"),
+  // The task page shows only its own task, so the default task is not added there.
+  defaultState: config.page === "board" ? config.defaultState : null,
+  countEl: document.getElementById("task-count"),
+  linkTasks: config.page === "board",
+  onStatusChange: changeStatus,
+});
+
+// --- writes -----------------------------------------------------------------------------------
+
+// PUT a change; answers { ok, status, body, retryAfter }, or throws on a network error.
+async function putTask(id, update) {
+  const response = await fetch(`/api/tasks/${encodeURIComponent(id)}`, {
+    method: "PUT",
+    headers: { "Content-Type": "application/json", Accept: "application/json" },
+    body: JSON.stringify(update),
+    // A write is answered at once; without a limit a hung server would leave the selector
+    // disabled for good.
+    signal: AbortSignal.timeout(WRITE_TIMEOUT_MS),
+  });
+  const instance = response.headers.get("X-Served-By");
+  if (instance) showServedBy(instance);
+  const body = await response.json().catch(() => null);
+  return {
+    ok: response.ok,
+    status: response.status,
+    body,
+    retryAfter: response.headers.get("Retry-After"),
+  };
+}
+
+// Why a write failed, in words a user can act on.
+function failureText(result) {
+  if (result.status === 503) {
+    const wait = result.retryAfter ? ` Try again in ${result.retryAfter} s.` : " Try again shortly.";
+    return `Not saved: the service cannot reach its data store.${wait}`;
+  }
+  const message = result.body?.error?.message ?? `HTTP ${result.status}`;
+  return `Not saved: ${message}.`;
+}
+
+async function changeStatus(id, status, version) {
+  board.showError(id, "");
+  board.setBusy(id, true);
+  try {
+    // expected_version: the user chose from what they saw; if another tab changed the task
+    // meanwhile, say so instead of overwriting it blindly.
+    const result = await putTask(id, { status, expected_version: version });
+    if (result.ok) {
+      board.merge([result.body]);
+    } else if (result.status === 409 && result.body?.current) {
+      board.merge([result.body.current]);
+      const now = result.body.current;
+      board.showError(
+        id,
+        `Not saved: the task was changed elsewhere (now ${now.status}, version ${now.version}).`,
+      );
+    } else {
+      board.showError(id, failureText(result));
+    }
+  } catch {
+    board.showError(id, "Not saved: no answer from the server.");
+  } finally {
+    board.setBusy(id, false);
+    board.revert(id); // the selector shows the true state, whatever happened
+  }
+}
+
+function setUpCreateForm() {
+  const form = document.getElementById("create-form");
+  if (!form) return;
+  const idInput = document.getElementById("create-id");
+  const statusSelect = document.getElementById("create-status");
+  const error = document.getElementById("create-error");
+  const button = form.querySelector("button");
+
+  function showCreateError(text) {
+    error.textContent = text;
+    error.hidden = !text;
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const id = idInput.value.trim();
+    if (!id) return;
+    showCreateError("");
+    button.disabled = true;
+    try {
+      // expected_version 0: create only; an existing task is reported, not overwritten.
+      const result = await putTask(id, { status: statusSelect.value, expected_version: 0 });
+      if (result.ok) {
+        board.merge([result.body]);
+        board.highlight(id);
+        form.reset();
+      } else if (result.status === 409) {
+        showCreateError(`A task named “${id}” already exists.`);
+      } else {
+        showCreateError(failureText(result));
+      }
+    } catch {
+      showCreateError("Not created: no answer from the server.");
+    } finally {
+      button.disabled = false;
+      idInput.focus();
+    }
+  });
+}
+
+// --- the live part ----------------------------------------------------------------------------
+
+// The board follows every task with one watch; a task page follows its task with the per-task
+// poll. Either way: one request in flight per tab.
+function boardSource() {
+  let cursor = "";
+  return {
+    url(resync) {
+      const since = resync ? "" : cursor;
+      return `/api/watch?since=${encodeURIComponent(since)}&timeout=${config.holdSeconds}`;
+    },
+    accept(body) {
+      cursor = body.cursor;
+      if (body.reset) board.replaceAll(body.tasks);
+      else board.merge(body.tasks);
+    },
+  };
+}
+
+function taskSource(id) {
+  const base = `/api/tasks/${encodeURIComponent(id)}`;
+  let version = null;
+  return {
+    // A resync reads the task as it is; then each poll is held until its version moves.
+    url(resync) {
+      return resync || version === null
+        ? base
+        : `${base}/poll?since=${version}&timeout=${config.holdSeconds}`;
+    },
+    accept(state) {
+      // Taken as is, even if older: the version moves back only when the store was reset.
+      version = state.version;
+      board.replaceAll([state]);
+    },
+  };
+}
+
+const poll = new LongPoll({
+  source: config.page === "task" ? taskSource(config.taskId) : boardSource(),
+  holdSeconds: config.holdSeconds,
+  onState: showConnection,
+  onServedBy: showServedBy,
+});
+
+// A hidden tab may be throttled or frozen and its request dead without an error; when it is seen
+// again, drop that request and resync. Same when the network comes back or the page is restored
+// from the back/forward cache.
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible") poll.restart();
+});
+window.addEventListener("online", () => poll.restart());
+window.addEventListener("pageshow", (event) => {
+  if (event.persisted) poll.restart();
+});
+
+setUpCreateForm();
+poll.start();
