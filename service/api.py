@@ -105,11 +105,11 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def _poll(request: web.Request, task_id: str, since: int) -> web.StreamResponse:
     timeout = _poll_timeout(request)
     hub = request.app[HUB]
-    with hub.waiting(task_id):
+    with hub.waiting(task_id) as waiter:
         state = await request.app[BACKEND].get(task_id)
         if state.version != since:  # also when the client is ahead: it resyncs after a reset
             return state_response(state)
-        change = await hub.wait_for(task_id, lambda c: c.state.version > since, timeout)
+        change = await waiter.wait(lambda c: c.state.version > since, timeout)
     if change is None:
         return web.Response(status=204)
     return change_response(change)
@@ -143,11 +143,11 @@ async def watch(request: web.Request) -> web.StreamResponse:
     only = _watch_filter(request)
     timeout = _poll_timeout(request)
     hub, backend = request.app[HUB], request.app[BACKEND]
-    with hub.waiting(WATCH_KEY):
+    with hub.waiting(WATCH_KEY) as waiter:
         batch = await backend.changes_since(since, only)
         if since is None or batch.reset or batch.tasks:
             return json_response(batch.to_dict())
-        position = since
+        position = batch.cursor  # nothing this watch shows changed up to the store's cursor
 
         def news(change: Change) -> bool:
             nonlocal position
@@ -160,7 +160,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
                 return False
             return True
 
-        change = await hub.wait_for(WATCH_KEY, news, timeout)
+        change = await waiter.wait(news, timeout)
         if change is None:
             return web.Response(status=204)
         if _follows(change.cursor, position):

@@ -35,8 +35,9 @@ class Config:
         for status in self.statuses:
             if not re.fullmatch(TASK_ID_PATTERN, status):
                 raise ValueError(f"status {status!r} must match {TASK_ID_PATTERN}")
-        if not 0 <= self.poll_timeout <= self.poll_timeout_max:
-            raise ValueError("POLL_TIMEOUT must be between 0 and POLL_TIMEOUT_MAX")
+        # At least a second: a zero hold turns every client's "poll again at once" into a busy loop.
+        if not 1 <= self.poll_timeout <= self.poll_timeout_max:
+            raise ValueError("POLL_TIMEOUT must be between 1 and POLL_TIMEOUT_MAX")
         if not self.instance_id:
             object.__setattr__(self, "instance_id", f"{socket.gethostname()}:{self.port}")
 

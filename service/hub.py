@@ -15,6 +15,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from .model import Cursor, TaskState, WatchBatch
 
@@ -48,10 +49,48 @@ class Change:
         return self._watch_body
 
 
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One change, and the future that will carry the change after it.
+
+    Each key's futures form a chain: a waiter that turns a change down moves on to ``next`` and so
+    cannot miss a change published before it got to wait again.
+    """
+
+    change: Change
+    next: asyncio.Future[Link | None]
+
+
+class Waiter:
+    """One held request's place in a key's chain of changes (see ``Hub.waiting``)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: asyncio.Future[Link | None]) -> None:
+        self._future = future
+
+    async def wait(self, accept: Callable[[Change], bool], hold: float) -> Change | None:
+        """The first change ``accept`` takes, or None after ``hold`` seconds or at shutdown."""
+        try:
+            async with asyncio.timeout(hold):
+                while True:
+                    # shield: a waiter that times out or leaves must not cancel the shared future
+                    link = await asyncio.shield(self._future)
+                    if link is None:
+                        return None
+                    self._future = link.next
+                    if accept(link.change):
+                        return link.change
+        except TimeoutError:
+            return None
+
+
 class Hub:
     def __init__(self) -> None:
-        self._futures: dict[str, asyncio.Future[Change | None]] = {}
+        # key -> the future the next change on that key resolves; present while it has waiters
+        self._futures: dict[str, asyncio.Future[Link | None]] = {}
         self._waiters: Counter[str] = Counter()
+        self._total = 0
         self._closed = False
         self._disconnected = 0  # waiters whose client went away, since the last report
 
@@ -59,81 +98,60 @@ class Hub:
 
     def publish(self, change: Change) -> None:
         for key in (change.state.task, WATCH_KEY):
-            future = self._futures.pop(key, None)
+            future = self._futures.get(key)
             if future is not None and not future.done():
-                future.set_result(change)
+                following = future.get_loop().create_future()
+                self._futures[key] = following
+                future.set_result(Link(change, following))
 
     def close(self) -> None:
         """Release every waiter (they answer 204), e.g. on shutdown; later waits return at once."""
         self._closed = True
-        futures, self._futures = self._futures, {}
-        for future in futures.values():
+        for future in self._futures.values():
             if not future.done():
                 future.set_result(None)
 
     # --- the handler side ---------------------------------------------------------------------
 
     @contextmanager
-    def waiting(self, key: str) -> Iterator[None]:
-        """Count a waiter on ``key`` (a task id or ``WATCH_KEY``) for as long as the block runs.
+    def waiting(self, key: str) -> Iterator[Waiter]:
+        """Register a waiter on ``key`` (a task id or ``WATCH_KEY``) for as long as the block runs.
 
-        Enter it BEFORE reading the current version: a change published after the read then finds
-        the waiter's future in place, so no wake-up can fall between the read and the wait.
+        Enter it BEFORE reading the current version: a change published after the read is then
+        already on the waiter's chain, so no wake-up can fall between the read and the wait.
         """
+        future = self._futures.get(key)
+        if future is None:
+            future = self._futures[key] = asyncio.get_running_loop().create_future()
+            if self._closed:
+                future.set_result(None)
         self._waiters[key] += 1
-        self._future(key)
+        self._total += 1
         try:
-            yield
+            yield Waiter(future)
         except asyncio.CancelledError:
             self._disconnected += 1  # handler_cancellation: the client closed its connection
             raise
         finally:
+            self._total -= 1
             self._waiters[key] -= 1
             if self._waiters[key] <= 0:
                 del self._waiters[key]
-                self._futures.pop(key, None)
-
-    async def wait_for(
-        self, key: str, accept: Callable[[Change], bool], hold: float
-    ) -> Change | None:
-        """The first change on ``key`` that ``accept`` takes, or None at timeout or shutdown."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + hold
-        try:
-            async with asyncio.timeout_at(deadline):
-                while not self._closed:
-                    # shield: a waiter that times out or leaves must not cancel the shared future
-                    change = await asyncio.shield(self._future(key))
-                    if change is None:
-                        return None
-                    if accept(change):
-                        return change
-        except TimeoutError:
-            pass
-        return None
-
-    def _future(self, key: str) -> asyncio.Future[Change | None]:
-        future = self._futures.get(key)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            if self._closed:
-                future.set_result(None)
-            self._futures[key] = future
-        return future
+                del self._futures[key]
 
     # --- what the hub can tell ----------------------------------------------------------------
 
     @property
-    def waiting_polls(self) -> int:
-        return sum(n for key, n in self._waiters.items() if key != WATCH_KEY)
+    def waiting_total(self) -> int:
+        return self._total
 
     @property
     def waiting_watches(self) -> int:
         return self._waiters.get(WATCH_KEY, 0)
 
     @property
-    def waiting_total(self) -> int:
-        return self.waiting_polls + self.waiting_watches
+    def waiting_polls(self) -> int:
+        return self._total - self.waiting_watches
 
     def take_disconnected(self) -> int:
         """How many waiters were cleaned up after their client disconnected, since the last call."""
