@@ -1,0 +1,85 @@
+"""Fixtures for the core service: the real app on a real port (aiohttp's test server), and helpers.
+
+``wait_until`` waits on a condition (e.g. the hub's waiter count), never on a fixed delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from service.app import create_app
+from service.config import Config
+from service.hub import Hub
+from service.keys import HUB
+
+INSTANCE_ID = "test-instance-1"
+
+Client = TestClient[web.Request, web.Application]
+
+
+class ClientFactory(Protocol):
+    async def __call__(self, **overrides: Any) -> Client: ...
+
+
+async def wait_until(
+    predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
+) -> None:
+    """Yield to the loop until ``predicate()`` holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def hub_of(client: Client) -> Hub:
+    return client.app[HUB]
+
+
+async def wait_for_waiters(client: Client, count: int, timeout: float = 5.0) -> None:
+    """Wait until exactly ``count`` polls and watches are held by the hub."""
+    hub = hub_of(client)
+    await wait_until(
+        lambda: hub.waiting_total == count,
+        timeout,
+        f"{count} held requests (now {hub.waiting_total})",
+    )
+
+
+@pytest.fixture
+def make_client(aiohttp_client: AiohttpClient) -> ClientFactory:
+    """Start the service on 127.0.0.1 with ``Config(**overrides)``; torn down after the test."""
+
+    async def make(**overrides: Any) -> Client:
+        config = Config(**{"instance_id": INSTANCE_ID, **overrides})
+        return await aiohttp_client(create_app(config))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> Client:
+    return await make_client()
+
+
+async def put(client: Client, task: str, **body: Any) -> dict[str, Any]:
+    """Write ``body`` to ``task`` and return the new state; the write must succeed."""
+    response = await client.put(f"/api/tasks/{task}", json=body)
+    assert response.status == 200, await response.text()
+    state: dict[str, Any] = await response.json()
+    return state
+
+
+async def get_state(client: Client, task: str = "default") -> dict[str, Any]:
+    response = await client.get(f"/api/tasks/{task}")
+    assert response.status == 200, await response.text()
+    state: dict[str, Any] = await response.json()
+    return state
