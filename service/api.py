@@ -6,6 +6,7 @@ read and the wait still wakes them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -30,7 +31,8 @@ from .model import (
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024
-MAX_WATCH_TASKS = 1000
+# 100 ids of 64 characters fit in the 8 KiB request line of aiohttp and nginx.
+MAX_WATCH_TASKS = 100
 
 
 def json_response(
@@ -143,6 +145,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
     only = _watch_filter(request)
     timeout = _poll_timeout(request)
     hub, backend = request.app[HUB], request.app[BACKEND]
+    deadline = asyncio.get_running_loop().time() + timeout
     with hub.waiting(WATCH_KEY) as waiter:
         batch = await backend.changes_since(since, only)
         if since is None or batch.reset or batch.tasks:
@@ -160,13 +163,19 @@ async def watch(request: web.Request) -> web.StreamResponse:
                 return False
             return True
 
-        change = await waiter.wait(news, timeout)
-        if change is None:
-            return web.Response(status=204)
-        if _follows(change.cursor, position):
-            return raw_json_response(change.watch_body)  # shared by every watch at this cursor
-        batch = await backend.changes_since(position, only)
-    return json_response(batch.to_dict())
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            change = await waiter.wait(news, remaining)
+            if change is None:
+                return web.Response(status=204)
+            if _follows(change.cursor, position):
+                return raw_json_response(change.watch_body)  # shared by every watch here
+            # A gap (a resync after a reconnect, or changes this watch does not show): ask the
+            # store, and keep waiting if none of what it missed is for this watch.
+            batch = await backend.changes_since(position, only)
+            if batch.reset or batch.tasks:
+                return json_response(batch.to_dict())
+            position = batch.cursor
 
 
 def _follows(cursor: Cursor, position: Cursor) -> bool:

@@ -58,19 +58,19 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         prog="python -m service", description="Real-time task status over HTTP long polling."
     )
     parser.add_argument("--host", default=env.get("HOST", d.host))
-    parser.add_argument("--port", type=int, default=int(env.get("PORT", str(d.port))))
+    parser.add_argument("--port", type=int, default=env.get("PORT", str(d.port)))
     parser.add_argument(
-        "--poll-timeout", type=int, default=int(env.get("POLL_TIMEOUT", str(d.poll_timeout)))
+        "--poll-timeout", type=int, default=env.get("POLL_TIMEOUT", str(d.poll_timeout))
     )
     parser.add_argument(
         "--poll-timeout-max",
         type=int,
-        default=int(env.get("POLL_TIMEOUT_MAX", str(d.poll_timeout_max))),
+        default=env.get("POLL_TIMEOUT_MAX", str(d.poll_timeout_max)),
     )
     parser.add_argument(
         "--statuses",
         type=_statuses,
-        default=_statuses(env.get("STATUSES", ",".join(DEFAULT_STATUSES))),
+        default=env.get("STATUSES", ",".join(DEFAULT_STATUSES)),
         help="comma-separated; the first is the status of a task never written",
     )
     parser.add_argument("--log-level", default=env.get("LOG_LEVEL", d.log_level))
@@ -80,12 +80,12 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     parser.add_argument(
         "--log-interval",
         type=float,
-        default=float(env.get("LOG_INTERVAL", str(d.log_interval))),
+        default=env.get("LOG_INTERVAL", str(d.log_interval)),
     )
     parser.add_argument(
         "--shutdown-timeout",
         type=float,
-        default=float(env.get("SHUTDOWN_TIMEOUT", str(d.shutdown_timeout))),
+        default=env.get("SHUTDOWN_TIMEOUT", str(d.shutdown_timeout)),
     )
     args = parser.parse_args(argv)
     try:
