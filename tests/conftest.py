@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import pytest
@@ -15,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from deploy.cluster import RedisServer
 from service.app import create_app
 from service.config import Config
 from service.hub import Hub
@@ -54,12 +56,30 @@ async def wait_for_waiters(client: Client, count: int, timeout: float = 5.0) -> 
     )
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session; each test gets its own key prefix in it."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Every API test runs on both backends: the behaviour must not depend on the store."""
+    if request.param == "memory":
+        return {}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return {"redis_url": server.url, "redis_prefix": f"test-{uuid.uuid4().hex}:"}
+
+
 @pytest.fixture
-def make_client(aiohttp_client: AiohttpClient) -> ClientFactory:
+def make_client(aiohttp_client: AiohttpClient, backend_settings: dict[str, Any]) -> ClientFactory:
     """Start the service on 127.0.0.1 with ``Config(**overrides)``; torn down after the test."""
 
     async def make(**overrides: Any) -> Client:
-        config = Config(**{"instance_id": INSTANCE_ID, **overrides})
+        config = Config(**{"instance_id": INSTANCE_ID, **backend_settings, **overrides})
         return await aiohttp_client(create_app(config))
 
     return make

@@ -22,6 +22,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,12 @@ def _field_args(value: object) -> tuple[str, str]:
     return "set", str(value)
 
 
+def _consume_outcome(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a command nobody awaits any more, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
+
+
 def parse_change(data: bytes) -> Change:
     message = json.loads(data)
     return Change(TaskState.from_dict(message["state"]), Cursor(message["epoch"], message["seq"]))
@@ -91,6 +98,7 @@ class RedisBackend(Backend):
         self._sink: ChangeSink | None = None
         self._reader: asyncio.Task[None] | None = None
         self._live = asyncio.Event()
+        self._closing = False
 
     def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}task:{task_id}"
@@ -106,10 +114,11 @@ class RedisBackend(Backend):
             log.warning("redis subscription not live yet at %s; serving, not ready", self._url)
 
     async def close(self) -> None:
+        self._closing = True
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            # Bounded: redis-py may swallow the cancellation; _closing stops the loop then.
+            await asyncio.wait([self._reader], timeout=SOCKET_TIMEOUT)
         await self._redis.aclose()
 
     def is_ready(self) -> bool:
@@ -121,7 +130,7 @@ class RedisBackend(Backend):
         """Subscribe, resync, deliver; on any failure reconnect with backoff. Never dies."""
         attempt = 0
         outage_since: float | None = None
-        while True:
+        while not self._closing:
             pubsub: PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._channel)
@@ -152,7 +161,7 @@ class RedisBackend(Backend):
 
     async def _deliver_messages(self, pubsub: PubSub) -> None:
         last_ping = time.monotonic()
-        while True:
+        while not self._closing:
             # A bounded wait, not a spin: returns None after a second of silence.
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None and message["type"] == "message":
@@ -195,10 +204,20 @@ class RedisBackend(Backend):
 
     # --- reads and writes --------------------------------------------------------------------
 
-    async def _call(self, coro: Any) -> Any:
-        """Await a Redis command; an unreachable Redis becomes BackendUnavailable (503)."""
+    async def _call(self, command: Awaitable[Any]) -> Any:
+        """Await a Redis command; an unreachable Redis becomes BackendUnavailable (503).
+
+        The command runs in a task of its own, shielded: redis-py (8.1 seen) can swallow the
+        cancellation of a task awaiting a command, and a poll whose client disconnected would
+        then stay registered. Shielded, the caller is cancelled at once and the command finishes
+        on its own, leaving its connection in a clean state.
+        """
+        task = asyncio.ensure_future(command)
         try:
-            return await coro
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_consume_outcome)
+            raise
         except RedisError as exc:
             if not _connection_error(exc):
                 log.exception("redis command failed")
