@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from collections.abc import Mapping
 
 from aiohttp import web
 
-from .backend import VersionConflict
+from .backend import TaskLimitReached, VersionConflict
 from .errors import ApiError, bad_request
 from .hub import WATCH_KEY, Change
 from .keys import BACKEND, CONFIG, HUB
@@ -72,13 +73,46 @@ def _required_counter(request: web.Request, name: str) -> int:
     return parse_counter(name, raw)
 
 
-def _poll_timeout(request: web.Request) -> int:
-    """The hold asked for, clamped to the server's cap; the default when none is asked."""
+def _poll_timeout(request: web.Request) -> float:
+    """The hold: asked for (or the default), capped, and shortened by a little random jitter.
+
+    The jitter (up to 10 %, at most 2 s) spreads the return of clients that connected together,
+    so they do not all come back in the same instant; a hold never exceeds what was asked.
+    """
     config = request.app[CONFIG]
     raw = _single(request, "timeout")
-    if raw is None:
-        return config.poll_timeout
-    return min(parse_counter("timeout", raw), config.poll_timeout_max)
+    asked = config.poll_timeout if raw is None else parse_counter("timeout", raw)
+    hold = min(asked, config.poll_timeout_max)
+    return hold - random.uniform(0, min(hold * 0.1, 2.0))
+
+
+def _retry_after() -> str:
+    """A jittered Retry-After, so clients sent away together do not return together."""
+    return str(random.randint(1, 3))
+
+
+def _admit_waiter(request: web.Request) -> None:
+    """Refuse a new held request past the instance's cap; those already held are untouched."""
+    if request.app[HUB].waiting_total >= request.app[CONFIG].max_held_polls:
+        raise ApiError(
+            503,
+            "too_many_waiters",
+            "this instance holds as many polls as it may; retry shortly",
+            headers={"Retry-After": _retry_after()},
+        )
+
+
+def _nothing_new(request: web.Request) -> web.Response:
+    """204: the hold passed with no change, or the instance is shutting down.
+
+    On shutdown the answer also closes the connection and asks for a jittered pause, so the
+    clients of a drained instance spread over the others instead of all reconnecting at once.
+    """
+    if request.app[HUB].closed:
+        return web.Response(
+            status=204, headers={"Retry-After": _retry_after(), "Connection": "close"}
+        )
+    return web.Response(status=204)
 
 
 def _task_id(request: web.Request) -> str:
@@ -106,6 +140,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def _poll(request: web.Request, task_id: str, since: int) -> web.StreamResponse:
     timeout = _poll_timeout(request)
+    _admit_waiter(request)
     hub = request.app[HUB]
     with hub.waiting(task_id) as waiter:
         state = await request.app[BACKEND].get(task_id)
@@ -113,7 +148,7 @@ async def _poll(request: web.Request, task_id: str, since: int) -> web.StreamRes
             return state_response(state)
         change = await waiter.wait(lambda c: c.state.version > since, timeout)
     if change is None:
-        return web.Response(status=204)
+        return _nothing_new(request)
     return change_response(change)
 
 
@@ -144,6 +179,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
     since = parse_cursor(_single(request, "since") or "")
     only = _watch_filter(request)
     timeout = _poll_timeout(request)
+    _admit_waiter(request)
     hub, backend = request.app[HUB], request.app[BACKEND]
     deadline = asyncio.get_running_loop().time() + timeout
     with hub.waiting(WATCH_KEY) as waiter:
@@ -167,7 +203,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
             remaining = deadline - asyncio.get_running_loop().time()
             change = await waiter.wait(news, remaining)
             if change is None:
-                return web.Response(status=204)
+                return _nothing_new(request)
             if _follows(change.cursor, position):
                 return raw_json_response(change.watch_body)  # shared by every watch here
             # A gap (a resync after a reconnect, or changes this watch does not show): ask the
@@ -198,6 +234,12 @@ async def _write(request: web.Request, task_id: str) -> web.Response:
     update = parse_update(await _read_json_body(request), config.statuses)
     try:
         result = await request.app[BACKEND].write(task_id, update)
+    except TaskLimitReached:
+        raise ApiError(
+            507,
+            "task_limit_reached",
+            f"the store holds its maximum of {config.max_tasks} tasks; write to an existing one",
+        ) from None
     except VersionConflict as conflict:
         raise ApiError(
             409,

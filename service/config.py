@@ -28,6 +28,8 @@ class Config:
     redis_prefix: str = "taskstatus:"
     log_interval: float = 30.0  # seconds between "waiting clients" log lines
     shutdown_timeout: float = 10.0  # seconds to finish in-flight requests on SIGTERM
+    max_held_polls: int = 20000  # past it, new polls and watches get 503 + Retry-After
+    max_tasks: int = 100000  # past it, a write that would create a task gets 507
 
     def __post_init__(self) -> None:
         if not self.statuses or len(set(self.statuses)) != len(self.statuses):
@@ -38,6 +40,8 @@ class Config:
         # At least a second: a zero hold turns every client's "poll again at once" into a busy loop.
         if not 1 <= self.poll_timeout <= self.poll_timeout_max:
             raise ValueError("POLL_TIMEOUT must be between 1 and POLL_TIMEOUT_MAX")
+        if self.max_held_polls < 1 or self.max_tasks < 1:
+            raise ValueError("MAX_HELD_POLLS and MAX_TASKS must be at least 1")
         if not self.instance_id:
             object.__setattr__(self, "instance_id", f"{socket.gethostname()}:{self.port}")
 
@@ -86,6 +90,18 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         "--shutdown-timeout",
         type=float,
         default=env.get("SHUTDOWN_TIMEOUT", str(d.shutdown_timeout)),
+    )
+    parser.add_argument(
+        "--max-held-polls",
+        type=int,
+        default=env.get("MAX_HELD_POLLS", str(d.max_held_polls)),
+        help="held polls and watches per instance; past it, new ones get 503",
+    )
+    parser.add_argument(
+        "--max-tasks",
+        type=int,
+        default=env.get("MAX_TASKS", str(d.max_tasks)),
+        help="tasks in the store; past it, writes creating a task get 507",
     )
     args = parser.parse_args(argv)
     try:

@@ -142,6 +142,10 @@ class Hub:
     # --- what the hub can tell ----------------------------------------------------------------
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def waiting_total(self) -> int:
         return self._total
 

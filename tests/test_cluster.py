@@ -199,7 +199,7 @@ async def test_subscription_cut_while_update_published_still_reaches_waiters(
     await all_held(http, cluster, 3)
     # Cut every instance's subscription and publish in ONE transaction: the message goes out
     # while no instance is subscribed, so only the resync after reconnecting can deliver it.
-    backend = RedisBackend(DEFAULT_STATUSES, url=cluster.redis.url, prefix="taskstatus:")
+    backend = RedisBackend(DEFAULT_STATUSES, 100, url=cluster.redis.url, prefix="taskstatus:")
     keys, args = backend.write_call(task, TaskUpdate(status="completed"))
     redis = Redis.from_url(cluster.redis.url)
     try:

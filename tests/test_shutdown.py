@@ -113,10 +113,16 @@ async def test_sigterm_answers_held_polls_with_204_promptly_and_exits_zero(
 ) -> None:
     async with aiohttp.ClientSession() as session:
 
-        async def hold(path: str) -> tuple[int, float]:
+        async def hold(path: str) -> tuple[int, float, str, str]:
             async with session.get(f"{service.url}{path}") as response:
                 await response.read()
-                return response.status, time.monotonic()
+                headers = response.headers
+                return (
+                    response.status,
+                    time.monotonic(),
+                    headers.get("Retry-After", ""),
+                    headers.get("Connection", ""),
+                )
 
         async with session.get(f"{service.url}/api/watch") as response:
             cursor = (await response.json())["cursor"]
@@ -132,8 +138,11 @@ async def test_sigterm_answers_held_polls_with_204_promptly_and_exits_zero(
         sent = time.monotonic()
         service.process.send_signal(signal.SIGTERM)
         answers = await asyncio.wait_for(asyncio.gather(*held), timeout=5)
-        assert [status for status, _ in answers] == [204] * 4
-        assert max(at for _, at in answers) - sent < 2
+        assert [status for status, *_ in answers] == [204] * 4
+        assert max(at for _, at, *_ in answers) - sent < 2
+        # The drained clients are sent elsewhere after a jittered pause, on a new connection.
+        assert all(retry in {"1", "2", "3"} for *_, retry, _ in answers)
+        assert all(connection.lower() == "close" for *_, connection in answers)
 
     assert await asyncio.wait_for(service.process.wait(), timeout=5) == 0
     assert time.monotonic() - sent < 5

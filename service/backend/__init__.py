@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from ..config import Config
-from .base import Backend, VersionConflict, WriteResult
+from .base import Backend, TaskLimitReached, VersionConflict, WriteResult
 from .memory import MemoryBackend
 
-__all__ = ["Backend", "MemoryBackend", "VersionConflict", "WriteResult", "create_backend"]
+__all__ = [
+    "Backend",
+    "MemoryBackend",
+    "TaskLimitReached",
+    "VersionConflict",
+    "WriteResult",
+    "create_backend",
+]
 
 
 def create_backend(config: Config) -> Backend:
     if not config.redis_url:
-        return MemoryBackend(config.statuses)
+        return MemoryBackend(config.statuses, config.max_tasks)
     from .redis import RedisBackend  # imported only when used: the embedded mode needs no redis
 
-    return RedisBackend(config.statuses, url=config.redis_url, prefix=config.redis_prefix)
+    return RedisBackend(
+        config.statuses, config.max_tasks, url=config.redis_url, prefix=config.redis_prefix
+    )

@@ -25,6 +25,10 @@ class ChangeSink(Protocol):
         ...
 
 
+class TaskLimitReached(Exception):
+    """The write would create a task beyond the store's cap; nothing was written."""
+
+
 class VersionConflict(Exception):
     """``expected_version`` did not match; nothing was written."""
 
@@ -40,8 +44,9 @@ class WriteResult:
 
 
 class Backend(ABC):
-    def __init__(self, statuses: tuple[str, ...]) -> None:
+    def __init__(self, statuses: tuple[str, ...], max_tasks: int) -> None:
         self.statuses = statuses
+        self.max_tasks = max_tasks
 
     @abstractmethod
     async def start(self, sink: ChangeSink) -> None:
@@ -64,7 +69,8 @@ class Backend(ABC):
 
     @abstractmethod
     async def write(self, task_id: str, update: TaskUpdate) -> WriteResult:
-        """Apply ``update`` atomically: version + 1, or ``VersionConflict`` and no change."""
+        """Apply ``update`` atomically: version + 1; or ``VersionConflict`` or
+        ``TaskLimitReached`` (a new task beyond ``max_tasks``) and no change."""
 
     @abstractmethod
     async def changes_since(self, since: Cursor | None, only: frozenset[str] | None) -> WatchBatch:

@@ -7,12 +7,12 @@ from collections import OrderedDict
 
 from ..hub import Change
 from ..model import Cursor, TaskState, TaskUpdate, WatchBatch, initial_state, utc_now_iso
-from .base import Backend, ChangeSink, VersionConflict, WriteResult
+from .base import Backend, ChangeSink, TaskLimitReached, VersionConflict, WriteResult
 
 
 class MemoryBackend(Backend):
-    def __init__(self, statuses: tuple[str, ...]) -> None:
-        super().__init__(statuses)
+    def __init__(self, statuses: tuple[str, ...], max_tasks: int) -> None:
+        super().__init__(statuses, max_tasks)
         # Ordered by the sequence number of each task's last change, so a watch reads only the
         # tail it has not seen instead of every task.
         self._tasks: OrderedDict[str, tuple[TaskState, int]] = OrderedDict()
@@ -42,6 +42,8 @@ class MemoryBackend(Backend):
         current = self._state(task_id)
         if update.expected_version is not None and update.expected_version != current.version:
             raise VersionConflict(current)
+        if task_id not in self._tasks and len(self._tasks) >= self.max_tasks:
+            raise TaskLimitReached
         state = update.apply(current, utc_now_iso())
         self._seq += 1
         self._tasks[task_id] = (state, self._seq)

@@ -37,7 +37,7 @@ from redis.retry import Retry
 from ..errors import BackendUnavailable
 from ..hub import Change
 from ..model import UNSET, Cursor, TaskState, TaskUpdate, WatchBatch, initial_state
-from .base import Backend, ChangeSink, VersionConflict, WriteResult
+from .base import Backend, ChangeSink, TaskLimitReached, VersionConflict, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def parse_change(data: bytes) -> Change:
 
 
 class RedisBackend(Backend):
-    def __init__(self, statuses: tuple[str, ...], *, url: str, prefix: str) -> None:
-        super().__init__(statuses)
+    def __init__(self, statuses: tuple[str, ...], max_tasks: int, *, url: str, prefix: str) -> None:
+        super().__init__(statuses, max_tasks)
         self._url = url
         self._prefix = prefix
         self._channel = f"{prefix}changes"
@@ -247,6 +247,7 @@ class RedisBackend(Backend):
             *_field_args(update.status),
             *_field_args(update.progress),
             *_field_args(update.message),
+            str(self.max_tasks),
         ]
         return keys, args
 
@@ -255,6 +256,8 @@ class RedisBackend(Backend):
         outcome, *rest = await self._call(self.write_script(keys=keys, args=args))
         if outcome == b"conflict":
             raise VersionConflict(TaskState.from_dict(json.loads(rest[0])))
+        if outcome == b"task_limit":
+            raise TaskLimitReached
         previous_status, state_json = rest
         state = TaskState.from_dict(json.loads(state_json))
         previous = TaskState(task_id, previous_status.decode(), version=state.version - 1)

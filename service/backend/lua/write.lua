@@ -7,7 +7,9 @@
 -- ARGV[1] task id   ARGV[2] initial status   ARGV[3] expected version ('' = any)
 -- ARGV[4] epoch to use if none is set   ARGV[5] channel
 -- ARGV[6..11] (mode, value) for status, progress, message; mode is keep | set | null
--- Returns {'ok', previous status, new state JSON} or {'conflict', current state JSON}.
+-- ARGV[12] the most tasks the store may hold
+-- Returns {'ok', previous status, new state JSON}, {'conflict', current state JSON} or
+-- {'task_limit'} (the write would create a task beyond ARGV[12]).
 
 -- 2026-11-26T03:20:25.029Z from Redis' own clock, so every instance stamps alike.
 -- Civil-from-days after Howard Hinnant's algorithm (Lua here has no os.date).
@@ -39,6 +41,9 @@ end
 
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= state.version then
   return {'conflict', cjson.encode(state)}
+end
+if not raw and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[12]) then
+  return {'task_limit'}
 end
 
 local previous_status = state.status
