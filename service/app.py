@@ -13,12 +13,16 @@ import jinja2
 from aiohttp import web
 
 from .api import MAX_BODY_BYTES, setup_api_routes
+from .auth import setup_auth
 from .backend import create_backend
 from .config import Config, load_config
+from .connections import handler_args, raise_open_file_limit
+from .cors import setup_cors
 from .health import setup_health_routes
 from .hub import Hub
 from .keys import BACKEND, CONFIG, HUB
-from .middleware import add_standard_headers, errors_middleware
+from .middleware import add_security_headers, add_standard_headers, errors_middleware
+from .ratelimit import setup_rate_limit
 from .views import setup_page_routes
 
 log = logging.getLogger(__name__)
@@ -68,7 +72,11 @@ async def release_waiters(app: web.Application) -> None:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[errors_middleware],
+        client_max_size=MAX_BODY_BYTES,
+        handler_args=handler_args(config),  # header size and time limits, for every server
+    )
     app[CONFIG] = config
     app[HUB] = Hub()
     app[BACKEND] = create_backend(config)
@@ -79,7 +87,11 @@ def create_app(config: Config) -> web.Application:
     setup_health_routes(app)
     setup_page_routes(app)
     app.router.add_static("/static", WEB_DIR / "static")
+    setup_auth(app, config)  # middlewares run in this order: errors, auth, write rate limit
+    setup_rate_limit(app, config)
+    setup_cors(app, config.cors_origins)  # after every route
     app.on_response_prepare.append(add_standard_headers)
+    app.on_response_prepare.append(add_security_headers)
     app.cleanup_ctx.append(backend_ctx)
     app.cleanup_ctx.append(waiting_clients_log_ctx)
     app.on_shutdown.append(release_waiters)
@@ -99,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config.port,
         config.backend_name,
     )
+    log.info("open file limit: %d", raise_open_file_limit())
     web.run_app(
         create_app(config),
         host=config.host,

@@ -6,13 +6,19 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .model import DEFAULT_STATUSES, TASK_ID_PATTERN
+
+MIN_SECRET_BYTES = 32  # HS256 keys shorter than the hash are weak (RFC 7518, 3.2)
+_ORIGIN_RE = re.compile(
+    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,20 @@ class Config:
     shutdown_timeout: float = 10.0  # seconds to finish in-flight requests on SIGTERM
     max_held_polls: int = 20000  # past it, new polls and watches get 503 + Retry-After
     max_tasks: int = 100000  # past it, a write that would create a task gets 507
+    # Authentication (auth.py): off unless a secret (HS256) or a public key file (RS256/ES256).
+    auth_secret: str = field(default="", repr=False)  # never in logs or tracebacks
+    auth_public_key_file: str = ""
+    auth_audience: str = "taskstatus"  # the `aud` every token must carry
+    auth_issuer: str = ""  # when set, the `iss` every token must carry
+    auth_public_reads: bool = False  # reads need no token (writes still do)
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API; empty: none
+    write_rate_limit: float = 0.0  # writes per second per token subject or client; 0: no limit
+    write_rate_burst: int = 10  # writes a client may make at once before the rate applies
+    trusted_proxies: tuple[str, ...] = ()  # addresses/networks whose X-Forwarded-For is believed
+    max_header_bytes: int = 8190  # the request line and each header line; longer: 400
+    # Idle keep-alive connections close after this, and so do connections that have not sent
+    # complete request headers by then (slowloris). Keep it above the proxy's upstream keep-alive.
+    keepalive_timeout: float = 75.0
 
     def __post_init__(self) -> None:
         if not self.statuses or len(set(self.statuses)) != len(self.statuses):
@@ -42,16 +62,55 @@ class Config:
             raise ValueError("POLL_TIMEOUT must be between 1 and POLL_TIMEOUT_MAX")
         if self.max_held_polls < 1 or self.max_tasks < 1:
             raise ValueError("MAX_HELD_POLLS and MAX_TASKS must be at least 1")
+        self._check_security_settings()
         if not self.instance_id:
             object.__setattr__(self, "instance_id", f"{socket.gethostname()}:{self.port}")
+
+    def _check_security_settings(self) -> None:
+        if self.auth_secret and self.auth_public_key_file:
+            raise ValueError("set AUTH_SECRET or AUTH_PUBLIC_KEY_FILE, not both")
+        if self.auth_secret and len(self.auth_secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"AUTH_SECRET must be at least {MIN_SECRET_BYTES} bytes")
+        if self.auth_enabled and not self.auth_audience:
+            raise ValueError("AUTH_AUDIENCE must not be empty")
+        for origin in self.cors_origins:
+            if origin != "*" and not _ORIGIN_RE.fullmatch(origin):
+                raise ValueError(f"CORS origin {origin!r} must look like https://host[:port]")
+        if self.write_rate_limit < 0 or self.write_rate_burst < 1:
+            raise ValueError("WRITE_RATE_LIMIT must be >= 0 and WRITE_RATE_BURST >= 1")
+        try:
+            _ = self.trusted_networks
+        except ValueError as exc:
+            raise ValueError(f"TRUSTED_PROXIES: {exc}") from None
+        if self.max_header_bytes < 1024:
+            raise ValueError("MAX_HEADER_BYTES must be at least 1024")
+        if self.keepalive_timeout <= 0:
+            raise ValueError("KEEPALIVE_TIMEOUT must be positive")
 
     @property
     def backend_name(self) -> str:
         return "redis" if self.redis_url else "memory"
 
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_secret or self.auth_public_key_file)
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(entry, strict=False) for entry in self.trusted_proxies)
+
 
 def _statuses(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {raw!r}")
 
 
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -103,8 +162,63 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         default=env.get("MAX_TASKS", str(d.max_tasks)),
         help="tasks in the store; past it, writes creating a task get 507",
     )
+    _add_security_arguments(parser, env, d)
     args = parser.parse_args(argv)
     try:
         return Config(**vars(args))
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _add_security_arguments(
+    parser: argparse.ArgumentParser, env: Mapping[str, str], d: Config
+) -> None:
+    """Authentication, CORS and abuse limits. AUTH_SECRET has no flag: a secret on a command
+    line is visible to every user of the machine (ps)."""
+    parser.set_defaults(auth_secret=env.get("AUTH_SECRET", ""))
+    parser.add_argument(
+        "--auth-public-key-file",
+        default=env.get("AUTH_PUBLIC_KEY_FILE", ""),
+        help="PEM public key (RSA: RS256, EC P-256: ES256) that verifies tokens",
+    )
+    parser.add_argument("--auth-audience", default=env.get("AUTH_AUDIENCE", d.auth_audience))
+    parser.add_argument("--auth-issuer", default=env.get("AUTH_ISSUER", ""))
+    parser.add_argument(
+        "--auth-public-reads",
+        type=_flag,
+        default=env.get("AUTH_PUBLIC_READS", "false"),
+        help="true: reads need no token (writes still do)",
+    )
+    parser.add_argument(
+        "--cors-origins",
+        type=_statuses,
+        default=env.get("CORS_ORIGINS", ""),
+        help="comma-separated origins (https://host[:port]) allowed to call the API",
+    )
+    parser.add_argument(
+        "--write-rate-limit",
+        type=float,
+        default=env.get("WRITE_RATE_LIMIT", str(d.write_rate_limit)),
+        help="writes per second per token subject (or client address); 0: no limit",
+    )
+    parser.add_argument(
+        "--write-rate-burst",
+        type=int,
+        default=env.get("WRITE_RATE_BURST", str(d.write_rate_burst)),
+    )
+    parser.add_argument(
+        "--trusted-proxies",
+        type=_statuses,
+        default=env.get("TRUSTED_PROXIES", ""),
+        help="comma-separated addresses or networks whose X-Forwarded-For is believed",
+    )
+    parser.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=env.get("MAX_HEADER_BYTES", str(d.max_header_bytes)),
+    )
+    parser.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=env.get("KEEPALIVE_TIMEOUT", str(d.keepalive_timeout)),
+    )
