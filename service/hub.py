@@ -23,7 +23,11 @@ WATCH_KEY = "*"  # not a valid task id, so it never collides with one
 
 
 class Change:
-    """One accepted write as every instance sees it: the new state and its place in the stream."""
+    """One accepted write as every instance sees it: the new state and its place in the stream.
+
+    The hub fills in the response bodies when it publishes, once per change and only for the
+    kinds of waiter present, whatever their number.
+    """
 
     __slots__ = ("_body", "_watch_body", "cursor", "state")
 
@@ -35,18 +39,22 @@ class Change:
 
     @property
     def body(self) -> bytes:
-        """The state as a JSON response body, built once for all the waiters it wakes."""
-        if self._body is None:
-            self._body = json.dumps(self.state.to_dict()).encode()
+        """The state as a JSON response body, shared by every poll of the task it wakes."""
+        assert self._body is not None, "published to task waiters without a body"
         return self._body
 
     @property
     def watch_body(self) -> bytes:
         """The answer to every watch whose cursor is just before this change."""
-        if self._watch_body is None:
-            batch = WatchBatch(cursor=self.cursor, tasks=[self.state])
-            self._watch_body = json.dumps(batch.to_dict()).encode()
+        assert self._watch_body is not None, "published to watches without a body"
         return self._watch_body
+
+    def encode_body(self) -> None:
+        self._body = json.dumps(self.state.to_dict()).encode()
+
+    def encode_watch_body(self) -> None:
+        batch = WatchBatch(cursor=self.cursor, tasks=[self.state])
+        self._watch_body = json.dumps(batch.to_dict()).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,16 +101,26 @@ class Hub:
         self._total = 0
         self._closed = False
         self._disconnected = 0  # waiters whose client went away, since the last report
+        self.serializations = 0  # response bodies built by publish, for all waiters together
 
     # --- the backend side ---------------------------------------------------------------------
 
     def publish(self, change: Change) -> None:
-        for key in (change.state.task, WATCH_KEY):
-            future = self._futures.get(key)
-            if future is not None and not future.done():
-                following = future.get_loop().create_future()
-                self._futures[key] = following
-                future.set_result(Link(change, following))
+        task_future = self._futures.get(change.state.task)
+        if task_future is not None and not task_future.done():
+            change.encode_body()
+            self.serializations += 1
+            self._advance(change.state.task, task_future, change)
+        watch_future = self._futures.get(WATCH_KEY)
+        if watch_future is not None and not watch_future.done():
+            change.encode_watch_body()
+            self.serializations += 1
+            self._advance(WATCH_KEY, watch_future, change)
+
+    def _advance(self, key: str, future: asyncio.Future[Link | None], change: Change) -> None:
+        following = future.get_loop().create_future()
+        self._futures[key] = following
+        future.set_result(Link(change, following))
 
     def close(self) -> None:
         """Release every waiter (they answer 204), e.g. on shutdown; later waits return at once."""

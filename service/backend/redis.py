@@ -26,7 +26,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -46,6 +46,7 @@ SOCKET_TIMEOUT = 2.0  # seconds: a write fails fast (503) rather than hanging wh
 FIRST_SUBSCRIBE_WAIT = 5.0  # seconds start() waits for the subscription before serving anyway
 RECONNECT_BASE, RECONNECT_CAP = 0.05, 2.0  # seconds, exponential backoff with full jitter
 HEALTH_CHECK_INTERVAL = 5  # seconds of silence before the subscriber PINGs Redis
+POOL_SIZE = 64  # connections to Redis, the subscriber's one among them
 
 
 def _connection_error(exc: BaseException) -> bool:
@@ -87,12 +88,18 @@ class RedisBackend(Backend):
         self._seq_key = f"{prefix}seq"
         self._epoch_key = f"{prefix}epoch"
         # No retries: a write whose reply was lost must not run twice (it would skip a version).
-        self._redis = Redis.from_url(
+        # A blocking pool: a burst of polls (thousands re-polling after one fan-out) queues for a
+        # connection instead of failing with MaxConnectionsError; Redis is single-threaded, so a
+        # few dozen connections serve it as fast as thousands would.
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_SIZE,
+            timeout=SOCKET_TIMEOUT,
             socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
         )
+        self._redis = Redis(connection_pool=pool)
         self.write_script = self._redis.register_script((_LUA / "write.lua").read_text())
         self._changes_script = self._redis.register_script((_LUA / "changes.lua").read_text())
         self._sink: ChangeSink | None = None
@@ -119,7 +126,7 @@ class RedisBackend(Backend):
             self._reader.cancel()
             # Bounded: redis-py may swallow the cancellation; _closing stops the loop then.
             await asyncio.wait([self._reader], timeout=SOCKET_TIMEOUT)
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
 
     def is_ready(self) -> bool:
         return self._live.is_set()
