@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 8080
 SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx chromium:chromium docker-compose:docker-compose
 
-.PHONY: run demo test lint fmt typecheck bench bench-quick system-packages clean
+.PHONY: run demo test lint fmt typecheck bench bench-quick screenshot system-packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: $(STAMP) system-packages lint typecheck  ## the whole suite
 bench: $(STAMP)
 	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx
 	$(BIN)/python -m bench
+
+screenshot: $(STAMP)  ## docs/board.png: the board, photographed on a running cluster
+	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx chromium:chromium
+	$(BIN)/python -m tests.screenshot
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts

@@ -7,48 +7,38 @@ condition with a timeout, never a fixed sleep.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import (
-    Browser,
-    Locator,
-    Page,
-    Request,
-    Route,
-    async_playwright,
-    expect,
+from playwright.async_api import Browser, Route, expect
+
+from tests.browser import (
+    WatchCount,
+    browser_fixture,  # noqa: F401 (the `browser` fixture)
+    go_live,
+    is_snapshot,
+    is_watch,
+    new_tab,
+    open_board,
+    put_task,
+    screenshot,
+    task,
 )
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 INSTANCE_ID = "browser-test-1"
 # Short holds, so the page also goes through 204 answers and re-polls during a test.
 POLL_TIMEOUT = 3
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 SERVER_START_DEADLINE = 15.0
-
-pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"no {CHROMIUM}")
 
 
 def _free_port() -> int:
@@ -63,19 +53,7 @@ class Server:
     url: str
 
     async def put(self, task_id: str, **update: Any) -> dict[str, Any]:
-        """Write as another client would; in a thread, so the browser's event loop runs on."""
-        return await asyncio.to_thread(self._put, task_id, update)
-
-    def _put(self, task_id: str, update: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(
-            f"{self.url}/api/tasks/{task_id}",
-            data=json.dumps(update).encode(),
-            headers={"Content-Type": "application/json"},
-            method="PUT",
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            state: dict[str, Any] = json.load(response)
-            return state
+        return await put_task(self.url, task_id, **update)
 
 
 def _wait_until_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
@@ -127,51 +105,12 @@ def server() -> Iterator[Server]:
             process.wait()
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-async def open_board(browser: Browser, server: Server) -> Page:
-    """A board in its own browser context (like another browser profile), once it is live."""
-    context = await browser.new_context(viewport={"width": 1280, "height": 800})
-    page = await context.new_page()
-    await page.goto(f"{server.url}/")
-    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
-    return page
-
-
-def task(page: Page, task_id: str, field: str | None = None) -> Locator:
-    card = page.locator(f'[data-task="{task_id}"]')
-    return card.locator(f'[data-field="{field}"]') if field else card
-
-
-def is_watch(request: Request) -> bool:
-    return "/api/watch" in request.url
-
-
-def is_snapshot(request: Request) -> bool:
-    return is_watch(request) and "since=&" in request.url
-
-
-async def screenshot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    await page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True, animations="disabled")
-
-
 async def test_status_change_in_one_tab_shows_in_the_other_within_a_second(
     browser: Browser, server: Server
 ) -> None:
     await server.put("deploy-web", status="in_progress", progress=40, message="rolling out")
-    one = await open_board(browser, server)
-    other = await open_board(browser, server)
+    one = await open_board(browser, server.url)
+    other = await open_board(browser, server.url)
     await expect(task(other, "deploy-web", "status")).to_have_value("in_progress")
 
     await task(one, "deploy-web", "status").select_option("completed")
@@ -187,8 +126,8 @@ async def test_status_change_in_one_tab_shows_in_the_other_within_a_second(
 async def test_task_created_in_one_tab_appears_in_the_other(
     browser: Browser, server: Server
 ) -> None:
-    one = await open_board(browser, server)
-    other = await open_board(browser, server)
+    one = await open_board(browser, server.url)
+    other = await open_board(browser, server.url)
     count_before = int(await other.locator("#task-count").get_attribute("data-count") or "0")
 
     await one.locator("#create-id").fill("nightly-backup")
@@ -210,7 +149,7 @@ async def test_creating_an_existing_task_is_reported_not_overwritten(
     browser: Browser, server: Server
 ) -> None:
     await server.put("existing-task", status="failed")
-    page = await open_board(browser, server)
+    page = await open_board(browser, server.url)
 
     await page.locator("#create-id").fill("existing-task")
     await page.locator("#create-status").select_option("completed")
@@ -224,7 +163,7 @@ async def test_creating_an_existing_task_is_reported_not_overwritten(
 async def test_message_with_markup_shows_as_literal_text(browser: Browser, server: Server) -> None:
     hostile = "<script>alert(1)</script><b>x</b>"
     await server.put("hostile", status="failed", message=hostile)
-    page = await open_board(browser, server)
+    page = await open_board(browser, server.url)
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: dialogs.append(dialog.message))
 
@@ -245,30 +184,9 @@ async def test_page_holds_one_watch_request_however_many_tasks(
     ids = [f"batch-{n}" for n in range(6)]
     for n, task_id in enumerate(ids):
         await server.put(task_id, status="in_progress", progress=n * 20)
-    context = await browser.new_context(viewport={"width": 1280, "height": 800})
-    page = await context.new_page()
-    in_flight: set[Request] = set()
-    most = 0
-
-    def started(request: Request) -> None:
-        nonlocal most
-        if is_watch(request):
-            in_flight.add(request)
-            most = max(most, len(in_flight))
-
-    page.on("request", started)
-
-    def ended(request: Request) -> None:
-        in_flight.discard(request)
-
-    # A hold ends when the server answers: the page may start its next watch as soon as a 204's
-    # headers are in, before the browser reports that (empty) request finished.
-    page.on("response", lambda response: ended(response.request))
-    page.on("requestfinished", ended)
-    page.on("requestfailed", ended)
-
-    await page.goto(f"{server.url}/")
-    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    page = await new_tab(browser)
+    watches = WatchCount(page)
+    await go_live(page, f"{server.url}/")
     for task_id in ids:
         await expect(task(page, task_id)).to_be_visible()
 
@@ -289,8 +207,8 @@ async def test_page_holds_one_watch_request_however_many_tasks(
     assert (await repoll.value).url == (await held.value).url  # the same cursor again
     await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
 
-    assert most == 1
-    assert len(in_flight) == 1
+    assert watches.most == 1
+    assert len(watches.in_flight) == 1
     await screenshot(page, "one_watch")
 
 
@@ -298,7 +216,7 @@ async def test_failed_update_shows_an_error_and_restores_the_selector(
     browser: Browser, server: Server
 ) -> None:
     await server.put("flaky", status="pending")
-    page = await open_board(browser, server)
+    page = await open_board(browser, server.url)
 
     async def backend_down(route: Route) -> None:
         await route.fulfill(
@@ -321,7 +239,7 @@ async def test_version_conflict_shows_an_error_and_the_current_state(
     browser: Browser, server: Server
 ) -> None:
     await server.put("contested", status="pending")
-    page = await open_board(browser, server)
+    page = await open_board(browser, server.url)
     await expect(task(page, "contested", "version")).to_have_text("1")
 
     # Cut this page's watch (a write elsewhere ends the request it holds; the next ones fail), so
@@ -346,7 +264,7 @@ async def test_version_conflict_shows_an_error_and_the_current_state(
 async def test_refused_watch_shows_an_error_until_the_tab_is_visible_again(
     browser: Browser, server: Server
 ) -> None:
-    page = await open_board(browser, server)
+    page = await open_board(browser, server.url)
 
     async def refused(route: Route) -> None:
         body = {"error": {"code": "invalid_cursor", "message": "since must be a cursor"}}
@@ -369,7 +287,7 @@ async def test_refused_watch_shows_an_error_until_the_tab_is_visible_again(
 async def test_tab_visible_again_drops_its_watch_and_resyncs(
     browser: Browser, server: Server
 ) -> None:
-    page = await open_board(browser, server)
+    page = await open_board(browser, server.url)
 
     async with (
         page.expect_event("requestfailed", is_watch) as aborted,
@@ -385,10 +303,7 @@ async def test_tab_visible_again_drops_its_watch_and_resyncs(
 
 async def test_task_page_follows_its_task(browser: Browser, server: Server) -> None:
     await server.put("single", status="pending", progress=10)
-    context = await browser.new_context(viewport={"width": 1000, "height": 600})
-    page = await context.new_page()
-    await page.goto(f"{server.url}/tasks/single")
-    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    page = await open_board(browser, server.url, "/tasks/single")
     await expect(task(page, "single", "progress")).to_have_attribute("aria-valuenow", "10")
 
     await server.put("single", status="in_progress", progress=55, message="halfway")

@@ -191,6 +191,9 @@ document.addEventListener("visibilitychange", () => {
   if (document.visibilityState === "visible") poll.restart();
 });
 window.addEventListener("online", () => poll.restart());
+// The browser knows the network is gone: the request it holds will not be answered, so show that
+// now (the retries fail until "online") rather than "Live" until the hold ends.
+window.addEventListener("offline", () => poll.restart());
 window.addEventListener("pageshow", (event) => {
   if (event.persisted) poll.restart();
 });
