@@ -22,6 +22,7 @@ from .health import setup_health_routes
 from .hub import Hub
 from .keys import BACKEND, CONFIG, HUB
 from .middleware import add_security_headers, add_standard_headers, errors_middleware
+from .openapi import setup_openapi_routes
 from .ratelimit import setup_rate_limit
 from .views import setup_page_routes
 
@@ -85,6 +86,7 @@ def create_app(config: Config) -> web.Application:
     )
     setup_api_routes(app)
     setup_health_routes(app)
+    setup_openapi_routes(app)
     setup_page_routes(app)
     app.router.add_static("/static", WEB_DIR / "static")
     setup_auth(app, config)  # middlewares run in this order: errors, auth, write rate limit

@@ -47,6 +47,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
         )
+    except web.RequestPayloadError:
+        # The body could not be decoded as its headers say (a corrupt gzip or deflate stream):
+        # the client's mistake, not a bug.
+        return error_response(
+            ApiError(
+                400,
+                "invalid_body_encoding",
+                "the body cannot be decoded as its Content-Encoding or Transfer-Encoding says",
+            )
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

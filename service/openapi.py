@@ -1,0 +1,522 @@
+"""The OpenAPI 3.1 description of every route, built from the config and served as JSON.
+
+The document describes this deployment: the status enum is the configured statuses, and tokens,
+the write rate limit and CORS preflights appear when they are configured. It is built and
+serialized once per app and served at ``GET /api/openapi.json``. ``tests/test_openapi.py`` keeps
+it true (every route of the app is in it and the other way round; real answers validate against
+it) and ``tests/test_schemathesis.py`` fuzzes a live instance with it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from aiohttp import web
+
+from .api import MAX_BODY_BYTES, MAX_WATCH_TASKS
+from .config import Config
+from .keys import CONFIG
+from .model import MAX_COUNTER, MESSAGE_MAX_CHARS, TASK_ID_PATTERN
+
+OPENAPI_PATH: Final = "/api/openapi.json"
+
+Schema = dict[str, Any]
+
+
+def digits_at_most(limit: int) -> str:
+    """A regex of the decimal numerals (leading zeros allowed) whose value is at most ``limit``.
+
+    It says in a pattern what ``model.parse_counter`` accepts (the sequence number of a watch
+    cursor): every numeral shorter than ``limit``'s, then, digit by digit, ``limit``'s first digits
+    followed by a smaller digit and anything; and ``limit`` itself. 999: ``[0-9]{1,2}``,
+    ``[0-8][0-9]{2}``, ``9[0-8][0-9]``, ``99[0-8]``, ``999``.
+    """
+    text = str(limit)
+    width = len(text)
+    options = [f"[0-9]{{1,{width - 1}}}"] if width > 1 else []
+    for i, digit in enumerate(text):
+        if digit != "0":
+            rest = width - i - 1
+            tail = f"[0-9]{{{rest}}}" if rest else ""
+            options.append(f"{text[:i]}[0-{int(digit) - 1}]{tail}")
+    options.append(text)
+    return "(?:" + "|".join(options) + ")"
+
+
+TASK_ID: Final = f"^{TASK_ID_PATTERN}$"
+CURSOR_EPOCH: Final = "[a-z0-9]{1,32}"
+# ``since`` of a watch: empty or 0 (a snapshot), or a cursor as /api/watch returns it.
+WATCH_SINCE: Final = f"^(?:0|{CURSOR_EPOCH}-{digits_at_most(MAX_COUNTER)})?$"
+WATCH_TASKS: Final = f"^{TASK_ID_PATTERN}(?:,{TASK_ID_PATTERN}){{0,{MAX_WATCH_TASKS - 1}}}$"
+# Text without C0 control characters other than tab, newline and carriage return, and no DEL.
+MESSAGE_TEXT: Final = "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f]*$"
+ERROR_CODE: Final = "^[a-z0-9_]+$"
+# The token scope each task operation needs (``x-scope``), as auth.py decides it from the method.
+READ: Final = "tasks:read"
+WRITE: Final = "tasks:write"
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _response(
+    description: str,
+    schema: Schema | None = None,
+    *,
+    api: bool = True,
+    media_type: str = "application/json",
+    headers: tuple[str, ...] = (),
+) -> Schema:
+    """One response. Every answer names the instance and forbids sniffing; /api/ ones are not
+    cached."""
+    names = ("X-Served-By", "X-Content-Type-Options", *(("Cache-Control",) if api else ()))
+    response: Schema = {
+        "description": description,
+        "headers": {n: {"$ref": f"#/components/headers/{n}"} for n in (*names, *headers)},
+    }
+    if schema is not None:
+        response["content"] = {media_type: {"schema": schema}}
+    return response
+
+
+def _error(description: str, *, api: bool = True, headers: tuple[str, ...] = ()) -> Schema:
+    return _response(description, _ref("Error"), api=api, headers=headers)
+
+
+def _state(description: str) -> Schema:
+    return _response(description, _ref("TaskState"), headers=("ETag",))
+
+
+def _parameter(name: str, where: str, schema: Schema, description: str, **more: Any) -> Schema:
+    return {"name": name, "in": where, "schema": schema, "description": description, **more}
+
+
+TASK_ID_PARAMETER: Final = {"$ref": "#/components/parameters/TaskId"}
+TIMEOUT_PARAMETER: Final = {"$ref": "#/components/parameters/Timeout"}
+BAD_REQUEST: Final = _error("Malformed input: a task id, a query parameter or the body")
+NO_ROUTE: Final = _error("No such route: an empty task id, or one the URL normalizes away (`..`)")
+UNAVAILABLE: Final = _error(
+    "The state store is unreachable, or this instance holds its maximum of polls; retry after "
+    "`Retry-After` seconds",
+    headers=("Retry-After",),
+)
+NOTHING_NEW: Final = _response(
+    "The hold passed with no change (or the instance is shutting down: then with `Retry-After`)",
+    headers=("Retry-After",),
+)
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+def _read(operation_id: str, summary: str, parameters: list[Schema], responses: Schema) -> Schema:
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "parameters": parameters,
+        "responses": responses,
+        "x-scope": READ,
+    }
+
+
+def _write(operation_id: str, summary: str, task_id: bool) -> Schema:
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "parameters": [TASK_ID_PARAMETER] if task_id else [],
+        "requestBody": {
+            "required": True,
+            "description": f"at most {MAX_BODY_BYTES} bytes; integers are written as integers "
+            "(50, not 50.0)",
+            "content": {"application/json": {"schema": _ref("TaskUpdate")}},
+        },
+        "responses": {
+            "200": _state("The new state; the version grew by exactly 1"),
+            "400": BAD_REQUEST,
+            **({"404": NO_ROUTE} if task_id else {}),
+            "409": _response(
+                "expected_version is not the current version: nothing changed", _ref("Conflict")
+            ),
+            "413": _error(f"The body is over {MAX_BODY_BYTES} bytes"),
+            "415": _error("The body is not sent as application/json"),
+            "503": UNAVAILABLE,
+            "507": _error("The write would create a task past the store's cap (MAX_TASKS)"),
+        },
+        "x-scope": WRITE,
+    }
+
+
+def _poll(operation_id: str, summary: str, version: str, task_id: bool) -> Schema:
+    version_parameter = _parameter(
+        version,
+        "query",
+        {"type": "integer", "minimum": 0, "maximum": MAX_COUNTER},
+        "the version the client has; the answer comes once the task's version differs",
+        required=True,
+    )
+    return _read(
+        operation_id,
+        summary,
+        [*([TASK_ID_PARAMETER] if task_id else []), version_parameter, TIMEOUT_PARAMETER],
+        {
+            "200": _state("The state, whose version is not the one given"),
+            "204": NOTHING_NEW,
+            "400": BAD_REQUEST,
+            **({"404": NO_ROUTE} if task_id else {}),
+            "503": UNAVAILABLE,
+        },
+    )
+
+
+def _watch() -> Schema:
+    since = _parameter(
+        "since",
+        "query",
+        {"type": "string", "pattern": WATCH_SINCE},
+        "a cursor from an earlier answer; empty or 0 for a snapshot",
+    )
+    tasks = _parameter(
+        "tasks",
+        "query",
+        {"type": "string", "pattern": WATCH_TASKS},
+        f"comma-separated task ids, at most {MAX_WATCH_TASKS}",
+    )
+    return _read(
+        "watch",
+        "Long poll over every task (or those in `tasks`) changed after a cursor",
+        [since, tasks, TIMEOUT_PARAMETER],
+        {
+            "200": _response(
+                "The tasks changed after the cursor, or a snapshot", _ref("WatchBatch")
+            ),
+            "204": NOTHING_NEW,
+            "400": BAD_REQUEST,
+            "503": UNAVAILABLE,
+        },
+    )
+
+
+def _with_head(get: Schema) -> Schema:
+    """A GET and its HEAD twin: the same answers, headers only."""
+    head = {
+        "operationId": f"{get['operationId']}Head",
+        "summary": f"{get['summary']} (headers only)",
+        "parameters": get.get("parameters", []),
+        "responses": {
+            status: {k: v for k, v in response.items() if k != "content"}
+            for status, response in get["responses"].items()
+        },
+    }
+    return {"get": get, "head": head}
+
+
+def _probe(operation_id: str, summary: str, schema: str, statuses: tuple[str, ...]) -> Schema:
+    answers = {"200": "Yes", "503": "No"}
+    return _with_head(
+        {
+            "operationId": operation_id,
+            "summary": summary,
+            "responses": {s: _response(answers[s], _ref(schema), api=False) for s in statuses},
+        }
+    )
+
+
+def _page(operation_id: str, summary: str, task_id: bool) -> Schema:
+    errors: Schema = {}
+    if task_id:
+        errors = {
+            "400": _error("Malformed task id", api=False),
+            "404": _error(NO_ROUTE["description"], api=False),
+        }
+    page = _response("The page", {"type": "string"}, api=False, media_type="text/html")
+    return _with_head(
+        {
+            "operationId": operation_id,
+            "summary": summary,
+            "parameters": [TASK_ID_PARAMETER] if task_id else [],
+            "responses": {"200": page, **errors},
+        }
+    )
+
+
+def _paths() -> Schema:
+    return {
+        "/api/status": {
+            "get": _read(
+                "getStatus",
+                "The state of the task `default`",
+                [],
+                {"200": _state("The state"), "503": UNAVAILABLE},
+            )
+        },
+        "/api/poll-status": {
+            "get": _poll("pollStatus", "Long poll on the task `default`", "last_version", False)
+        },
+        "/api/update-status": {"post": _write("updateStatus", "Write the task `default`", False)},
+        "/api/tasks": {
+            "get": _read(
+                "listTasks",
+                "Every task ever written, oldest change first",
+                [],
+                {"200": _response("The tasks", _ref("TaskList")), "503": UNAVAILABLE},
+            )
+        },
+        "/api/tasks/{task_id}": {
+            "get": _read(
+                "getTask",
+                "The state of a task (version 0 if never written)",
+                [TASK_ID_PARAMETER],
+                {
+                    "200": _state("The state"),
+                    "400": BAD_REQUEST,
+                    "404": NO_ROUTE,
+                    "503": UNAVAILABLE,
+                },
+            ),
+            "put": _write("putTask", "Write a task (created by its first write)", True),
+        },
+        "/api/tasks/{task_id}/poll": {
+            "get": _poll("pollTask", "Long poll on one task", "since", True)
+        },
+        "/api/watch": {"get": _watch()},
+        OPENAPI_PATH: {
+            "get": {
+                "operationId": "getOpenApi",
+                "summary": "This document",
+                "responses": {"200": _response("OpenAPI 3.1", {"type": "object"})},
+            }
+        },
+        "/healthz": _probe("healthz", "Alive", "Health", ("200",)),
+        "/readyz": _probe("readyz", "Ready to serve", "Readiness", ("200", "503")),
+        "/": _page("board", "The live task board (HTML)", False),
+        "/tasks/{task_id}": _page("taskPage", "One task's live page (HTML)", True),
+    }
+
+
+# --- what the configuration adds --------------------------------------------------------------
+
+
+def _require_tokens(paths: Schema, public_reads: bool) -> None:
+    """Every task operation needs a bearer token (reads optionally not): 401 and 403 answers."""
+    challenge = ("WWW-Authenticate",)
+    unauthorized = _error("No token, or one that is not valid", headers=challenge)
+    forbidden = _error("The token does not grant this request", headers=challenge)
+    for path_item in paths.values():
+        for operation in path_item.values():
+            scope = operation.get("x-scope")
+            if scope is None:
+                continue
+            public = public_reads and scope == READ
+            operation["security"] = [{}, {"bearer": []}] if public else [{"bearer": []}]
+            operation["responses"]["401"] = unauthorized
+            if not public:  # a public read checks a token sent, but never its grant
+                operation["responses"]["403"] = forbidden
+
+
+def _limit_writes(paths: Schema) -> None:
+    limited = _error("Too many writes from this client; retry later", headers=("Retry-After",))
+    for path_item in paths.values():
+        for operation in path_item.values():
+            if operation.get("x-scope") == WRITE:
+                operation["responses"]["429"] = limited
+
+
+def _allow_preflights(paths: Schema) -> None:
+    """CORS preflights, on every /api/ route, for the configured origins."""
+    for path, path_item in paths.items():
+        if not path.startswith("/api/"):
+            continue
+        parameters = next(iter(path_item.values())).get("parameters", [])
+        path_item["options"] = {
+            "operationId": f"{next(iter(path_item.values()))['operationId']}Preflight",
+            "summary": "CORS preflight",
+            "parameters": [p for p in parameters if p is TASK_ID_PARAMETER],
+            "responses": {
+                "200": _response("The origin may send this request"),
+                "403": _error("The origin, method or headers are not allowed"),
+            },
+        }
+
+
+# --- the document -----------------------------------------------------------------------------
+
+
+def _components(statuses: tuple[str, ...]) -> Schema:
+    counter: Schema = {"type": "integer", "minimum": 0, "maximum": MAX_COUNTER}
+    error_body: Schema = {
+        "type": "object",
+        "required": ["code", "message"],
+        "additionalProperties": False,
+        "properties": {
+            "code": {"type": "string", "pattern": ERROR_CODE},
+            "message": {"type": "string", "minLength": 1},
+        },
+    }
+    tasks: Schema = {"type": "array", "items": _ref("TaskState")}
+    return {
+        "schemas": {
+            "TaskState": {
+                "type": "object",
+                "required": ["task", "status", "version", "updated_at", "progress", "message"],
+                "additionalProperties": False,
+                "properties": {
+                    "task": {"type": "string", "pattern": TASK_ID},
+                    "status": {"type": "string", "enum": list(statuses)},
+                    "version": {**counter, "description": "grows by exactly 1 on every write"},
+                    "updated_at": {
+                        "type": ["string", "null"],
+                        "format": "date-time",
+                        "description": "the last write (UTC, milliseconds); null if never written",
+                    },
+                    "progress": {"type": ["integer", "null"], "minimum": 0, "maximum": 100},
+                    "message": {"type": ["string", "null"], "maxLength": MESSAGE_MAX_CHARS},
+                },
+            },
+            "TaskUpdate": {
+                "type": "object",
+                "description": "A field left out keeps its value; null clears progress or "
+                "message. With expected_version not the current version nothing changes (409).",
+                "additionalProperties": False,
+                "anyOf": [
+                    {"required": ["status"]},
+                    {"required": ["progress"]},
+                    {"required": ["message"]},
+                ],
+                "properties": {
+                    "status": {"type": "string", "enum": list(statuses)},
+                    "progress": {"type": ["integer", "null"], "minimum": 0, "maximum": 100},
+                    "message": {
+                        "type": ["string", "null"],
+                        "maxLength": MESSAGE_MAX_CHARS,
+                        "pattern": MESSAGE_TEXT,
+                    },
+                    "expected_version": {**counter, "type": ["integer", "null"]},
+                },
+            },
+            "TaskList": {
+                "type": "object",
+                "required": ["tasks"],
+                "additionalProperties": False,
+                "properties": {"tasks": tasks},
+            },
+            "WatchBatch": {
+                "type": "object",
+                "required": ["cursor", "reset", "tasks"],
+                "additionalProperties": False,
+                "properties": {
+                    "cursor": {"type": "string", "pattern": f"^{CURSOR_EPOCH}-[0-9]+$"},
+                    "reset": {"type": "boolean", "description": "a snapshot: replace everything"},
+                    "tasks": tasks,
+                },
+            },
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "additionalProperties": False,
+                "properties": {"error": error_body},
+            },
+            "Conflict": {
+                "type": "object",
+                "required": ["error", "current"],
+                "additionalProperties": False,
+                "properties": {"error": error_body, "current": _ref("TaskState")},
+            },
+            "Health": {
+                "type": "object",
+                "required": ["status", "instance", "waiting"],
+                "additionalProperties": False,
+                "properties": {
+                    "status": {"const": "ok"},
+                    "instance": {"type": "string"},
+                    "waiting": {
+                        "type": "object",
+                        "required": ["polls", "watches"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "polls": {"type": "integer", "minimum": 0},
+                            "watches": {"type": "integer", "minimum": 0},
+                        },
+                    },
+                },
+            },
+            "Readiness": {
+                "type": "object",
+                "required": ["ready", "instance"],
+                "additionalProperties": False,
+                "properties": {"ready": {"type": "boolean"}, "instance": {"type": "string"}},
+            },
+        },
+        "headers": {
+            "X-Served-By": {
+                "description": "the instance that answered",
+                "required": True,
+                "schema": {"type": "string", "minLength": 1},
+            },
+            "X-Content-Type-Options": {
+                "description": "the content type is to be believed",
+                "required": True,
+                "schema": {"const": "nosniff"},
+            },
+            "Cache-Control": {
+                "description": "API answers are never cached",
+                "required": True,
+                "schema": {"const": "no-store"},
+            },
+            "ETag": {
+                "description": "the version of the state, quoted",
+                "required": True,
+                "schema": {"type": "string", "pattern": '^"[0-9]+"$'},
+            },
+            "Retry-After": {
+                "description": "seconds to wait before trying again",
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            },
+            "WWW-Authenticate": {
+                "description": "the bearer challenge (RFC 6750)",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^Bearer "},
+            },
+        },
+        "parameters": {
+            "TaskId": _parameter(
+                "task_id", "path", {"type": "string", "pattern": TASK_ID}, "the task", required=True
+            ),
+            "Timeout": _parameter(
+                "timeout", "query", counter, "seconds to hold at most; capped by POLL_TIMEOUT_MAX"
+            ),
+        },
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+    }
+
+
+def build_openapi(config: Config) -> Schema:
+    """The whole description of an app built from ``config``."""
+    paths = _paths()
+    if config.auth_enabled:
+        _require_tokens(paths, config.auth_public_reads)
+    if config.write_rate_limit > 0:
+        _limit_writes(paths)
+    if config.cors_origins:
+        _allow_preflights(paths)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "taskstatus",
+            "version": "1",
+            "description": "Real-time task status over HTTP long polling. Errors are "
+            '`{"error": {"code", "message"}}`; bad input never changes state.',
+        },
+        "paths": paths,
+        "components": _components(config.statuses),
+    }
+
+
+def setup_openapi_routes(app: web.Application) -> None:
+    body = json.dumps(build_openapi(app[CONFIG])).encode()
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app.router.add_get(OPENAPI_PATH, openapi, allow_head=False)
