@@ -16,7 +16,7 @@ from .api import MAX_BODY_BYTES, setup_api_routes
 from .auth import setup_auth
 from .backend import create_backend
 from .config import Config, load_config
-from .connections import handler_args, raise_open_file_limit
+from .connections import LISTEN_BACKLOG, handler_args, raise_open_file_limit
 from .cors import setup_cors
 from .health import setup_health_routes
 from .hub import Hub
@@ -118,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         create_app(config),
         host=config.host,
         port=config.port,
+        backlog=LISTEN_BACKLOG,
         handler_cancellation=True,  # a client that disconnects cancels its poll: no leaked waiter
         shutdown_timeout=config.shutdown_timeout,
         access_log=None,

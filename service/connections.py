@@ -21,6 +21,11 @@ from .config import Config
 
 log = logging.getLogger(__name__)
 
+# Connections the kernel queues before the server accepts them. When an instance dies its clients
+# all reconnect to the others at once; past the queue (128 by default) a connection attempt is
+# dropped and retried only a second later. The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
 
 def handler_args(config: Config) -> dict[str, Any]:
     return {

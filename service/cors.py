@@ -10,6 +10,7 @@ from __future__ import annotations
 import aiohttp_cors
 from aiohttp import web
 
+ALLOW_METHODS = ("GET", "PUT", "POST")
 # What a page of another origin may send and read besides the CORS-safelisted headers.
 ALLOW_HEADERS = ("Authorization", "Content-Type")
 EXPOSE_HEADERS = ("ETag", "Retry-After", "WWW-Authenticate", "X-Served-By")
@@ -22,6 +23,7 @@ def setup_cors(app: web.Application, origins: tuple[str, ...]) -> None:
         return
     options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
         allow_credentials=False,
+        allow_methods=ALLOW_METHODS,
         allow_headers=ALLOW_HEADERS,
         expose_headers=EXPOSE_HEADERS,
         max_age=PREFLIGHT_MAX_AGE,
