@@ -142,8 +142,12 @@ async def _poll(request: web.Request, task_id: str, since: int) -> web.StreamRes
     timeout = _poll_timeout(request)
     _admit_waiter(request)
     hub = request.app[HUB]
+    backend = request.app[BACKEND]
     with hub.waiting(task_id) as waiter:
-        state = await request.app[BACKEND].get(task_id)
+        state = backend.peek(task_id)
+        if state is None or state.version < since:
+            # Unknown here, or the client is ahead of what this instance has seen: ask the store.
+            state = await backend.get(task_id)
         if state.version != since:  # also when the client is ahead: it resyncs after a reset
             return state_response(state)
         change = await waiter.wait(lambda c: c.state.version > since, timeout)

@@ -59,6 +59,14 @@ class Backend(ABC):
         """True when writes can be accepted and no change can be missed."""
         return True
 
+    def peek(self, task_id: str) -> TaskState | None:
+        """The task's state as this instance knows it without asking the store, or None.
+
+        A known state is the newest this instance has seen, and any newer one is on its way to
+        the hub; a poll whose client is at that version can wait without a read.
+        """
+        return None
+
     @abstractmethod
     async def get(self, task_id: str) -> TaskState:
         """The task's state; a task never written reads as its initial state, version 0."""

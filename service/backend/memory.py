@@ -30,6 +30,9 @@ class MemoryBackend(Backend):
     async def get(self, task_id: str) -> TaskState:
         return self._state(task_id)
 
+    def peek(self, task_id: str) -> TaskState | None:
+        return self._state(task_id)  # this process holds the truth
+
     def _state(self, task_id: str) -> TaskState:
         entry = self._tasks.get(task_id)
         return entry[0] if entry else initial_state(task_id, self.statuses)

@@ -106,6 +106,12 @@ class RedisBackend(Backend):
         self._reader: asyncio.Task[None] | None = None
         self._live = asyncio.Event()
         self._closing = False
+        # The newest state of each task seen since the subscription went live (messages, reads):
+        # lets a re-poll at the current version wait without a Redis read. Emptied whenever the
+        # subscription drops, since messages may be missed from then until the resync.
+        self._known: dict[str, TaskState] = {}
+        self._known_epoch = ""
+        self._generation = 0  # bumped on every drop: a read begun before it must not be kept
 
     def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}task:{task_id}"
@@ -152,7 +158,7 @@ class RedisBackend(Backend):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._live.clear()
+                self._forget()
                 if outage_since is None:
                     outage_since = time.monotonic()
                     if _connection_error(exc):
@@ -162,7 +168,7 @@ class RedisBackend(Backend):
                 attempt += 1
                 await asyncio.sleep(full_jitter_backoff(attempt))
             finally:
-                self._live.clear()
+                self._forget()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -179,8 +185,28 @@ class RedisBackend(Backend):
                 last_ping = time.monotonic()
 
     def _publish(self, change: Change) -> None:
+        if change.cursor.epoch != self._known_epoch:  # a new data set: what we knew is void
+            self._known.clear()
+            self._known_epoch = change.cursor.epoch
+        self._remember(change.state)
         if self._sink is not None:
             self._sink.publish(change)
+
+    def _remember(self, state: TaskState) -> None:
+        known = self._known.get(state.task)
+        if known is None:
+            if state.version > 0 and len(self._known) < self.max_tasks:
+                self._known[state.task] = state
+        elif state.version > known.version:
+            self._known[state.task] = state
+
+    def _forget(self) -> None:
+        self._live.clear()
+        self._known.clear()
+        self._generation += 1
+
+    def peek(self, task_id: str) -> TaskState | None:
+        return self._known.get(task_id) if self._live.is_set() else None
 
     async def _resync(self) -> None:
         """Re-read what waiters may have missed while unsubscribed, and hand it to the hub.
@@ -233,10 +259,14 @@ class RedisBackend(Backend):
             raise BackendUnavailable(type(exc).__name__) from exc
 
     async def get(self, task_id: str) -> TaskState:
+        generation = self._generation
         raw = await self._call(self._redis.hget(self._task_key(task_id), "state"))
         if raw is None:
             return initial_state(task_id, self.statuses)
-        return TaskState.from_dict(json.loads(raw))
+        state = TaskState.from_dict(json.loads(raw))
+        if self._live.is_set() and generation == self._generation:
+            self._remember(state)  # read while subscribed: any later write reaches us
+        return state
 
     async def list_tasks(self) -> list[TaskState]:
         return (await self.changes_since(None, None)).tasks
