@@ -24,6 +24,7 @@ from .keys import BACKEND, CONFIG, HUB
 from .middleware import add_security_headers, add_standard_headers, errors_middleware
 from .openapi import setup_openapi_routes
 from .ratelimit import setup_rate_limit
+from .runtime import install_event_loop, tune_gc
 from .views import setup_page_routes
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         config.backend_name,
     )
     log.info("open file limit: %d", raise_open_file_limit())
+    log.info("event loop: %s", install_event_loop(config.event_loop))
+    app = create_app(config)
+    tune_gc()
     web.run_app(
-        create_app(config),
+        app,
         host=config.host,
         port=config.port,
         backlog=LISTEN_BACKLOG,

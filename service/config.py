@@ -36,6 +36,7 @@ class Config:
     shutdown_timeout: float = 10.0  # seconds to finish in-flight requests on SIGTERM
     max_held_polls: int = 20000  # past it, new polls and watches get 503 + Retry-After
     max_tasks: int = 100000  # past it, a write that would create a task gets 507
+    event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
     # Authentication (auth.py): off unless a secret (HS256) or a public key file (RS256/ES256).
     auth_secret: str = field(default="", repr=False)  # never in logs or tracebacks
     auth_public_key_file: str = ""
@@ -163,6 +164,11 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         help="tasks in the store; past it, writes creating a task get 507",
     )
     _add_security_arguments(parser, env, d)
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default=env.get("EVENT_LOOP", d.event_loop),
+    )
     args = parser.parse_args(argv)
     try:
         return Config(**vars(args))
