@@ -27,11 +27,22 @@ export class LongPoll {
   // source.accept(body, resync) -> applies a 200 answer.
   // onState(state, detail): "live" | "reconnecting" | "error".
   // onServedBy(instanceId): the X-Served-By of every answer, errors included.
-  constructor({ source, holdSeconds, onState, onServedBy }) {
+  // headers() -> extra request headers, asked for each request (the access token may change).
+  // onRefused(status, body): a 4xx that stops the loop until restart() (e.g. 401: no token).
+  constructor({
+    source,
+    holdSeconds,
+    onState,
+    onServedBy,
+    headers = () => ({}),
+    onRefused = () => {},
+  }) {
     this.source = source;
     this.holdMs = holdSeconds * 1000;
     this.onState = onState;
     this.onServedBy = onServedBy;
+    this.headers = headers;
+    this.onRefused = onRefused;
     this.resync = true;
     this.attempt = 0;
     this.controller = null;
@@ -73,7 +84,7 @@ export class LongPoll {
         response = await fetch(this.source.url(resync), {
           signal: controller.signal,
           cache: "no-store",
-          headers: { Accept: "application/json" },
+          headers: { Accept: "application/json", ...this.headers() },
         });
         this.#noteServedBy(response);
         // Read the body under the same signal, so a restart() or the deadline also ends a slow body.
@@ -94,9 +105,14 @@ export class LongPoll {
         this.#live();
       } else if (response.status === 204) {
         this.#live(); // nothing changed during the hold: keep the cursor and ask again
+        // A draining instance (rolling restart) adds Retry-After: pause a random part of it, so
+        // its clients spread over the other instances instead of all arriving at once.
+        const pause = Number(response.headers.get("Retry-After"));
+        if (pause > 0) await this.#sleep(Math.random() * Math.min(pause, 30) * 1000);
       } else if (response.status >= 500 || RETRYABLE_4XX.has(response.status) || response.ok) {
         await this.#retryLater(describe(response, body));
       } else {
+        this.onRefused(response.status, body);
         this.onState("error", describe(response, body));
         await new Promise((resolve) => (this.wake = resolve)); // until restart() or stop()
         this.wake = null;
@@ -114,9 +130,14 @@ export class LongPoll {
     this.attempt += 1;
     this.resync = true; // we may have missed changes: take a snapshot when we are back
     this.onState("reconnecting", `${why}; retrying in ${(delay / 1000).toFixed(1)} s`);
+    await this.#sleep(delay);
+  }
+
+  // A pause that restart() or stop() ends early.
+  async #sleep(ms) {
     await new Promise((resolve) => {
       this.wake = resolve;
-      setTimeout(resolve, delay);
+      setTimeout(resolve, ms);
     });
     this.wake = null;
   }
