@@ -16,6 +16,8 @@ import logging
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,18 @@ import pytest
 from aiohttp import ClientResponse
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from playwright.async_api import Browser, Page, expect
 
+from deploy.cluster import Instance
 from service.auth import OPEN_WARNING, load_private_key, mint_token
 from service.config import Config, load_config
+from tests.browser import (
+    browser_fixture,  # noqa: F401 (the `browser` fixture)
+    go_live,
+    new_tab,
+    screenshot,
+    task,
+)
 
 from .conftest import Client, ClientFactory, put, wait_for_waiters
 
@@ -268,18 +279,18 @@ async def test_held_poll_with_a_token_wakes_on_a_write_with_a_token(secured: Cli
 
 async def test_token_limited_to_ids_and_a_prefix_touches_only_those(secured: Client) -> None:
     headers = bearer(token(READ, WRITE, tasks=("seen", "build-*")))
-    for task in ("seen", "build-1", "build-x.y"):
-        assert (await secured.get(f"/api/tasks/{task}", headers=headers)).status == 200
-        response = await secured.put(f"/api/tasks/{task}", json={"progress": 3}, headers=headers)
-        assert response.status == 200, task
+    for task_id in ("seen", "build-1", "build-x.y"):
+        assert (await secured.get(f"/api/tasks/{task_id}", headers=headers)).status == 200
+        response = await secured.put(f"/api/tasks/{task_id}", json={"progress": 3}, headers=headers)
+        assert response.status == 200, task_id
     before = await listing(secured)
-    for task in ("other", "build", "seen2", "xbuild-1"):
+    for task_id in ("other", "build", "seen2", "xbuild-1"):
         for method in ("GET", "PUT"):
             response = await secured.request(
-                method, f"/api/tasks/{task}", json={"progress": 4}, headers=headers
+                method, f"/api/tasks/{task_id}", json={"progress": 4}, headers=headers
             )
             await assert_forbidden(response, "task_not_allowed", READ if method == "GET" else WRITE)
-        poll = await secured.get(f"/api/tasks/{task}/poll?since=0", headers=headers)
+        poll = await secured.get(f"/api/tasks/{task_id}/poll?since=0", headers=headers)
         await assert_forbidden(poll, "task_not_allowed", READ)
     assert await listing(secured) == before
 
@@ -568,3 +579,168 @@ def test_server_flags_still_work_beside_the_token_command() -> None:
     result = run_service("--port", "not-a-port")
     assert result.returncode == 2 and "--port" in result.stderr
     assert "token" in run_service("token", "--help").stdout
+
+
+# --- the page with auth on, in Chromium ------------------------------------------------------
+
+# Records every Content-Security-Policy violation of a page: the page must run with none.
+CSP_RECORDER = """
+document.addEventListener("securitypolicyviolation", (event) => {
+  (window.__csp ??= []).push(`${event.violatedDirective} ${event.blockedURI}`);
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def secured_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
+    """The service as a process of its own with auth on (memory backend), short poll holds."""
+    instance = Instance(
+        tmp_path_factory.mktemp("auth-page"),
+        "auth-page-1",
+        extra_args=["--poll-timeout", "3", "--shutdown-timeout", "2"],
+        env={"AUTH_SECRET": SECRET},
+    )
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def _api(url: str, method: str, raw_token: str, body: dict[str, Any] | None = None) -> Any:
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **bearer(raw_token)},
+        method=method,
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
+async def api_put(server: Instance, task_id: str, **update: Any) -> dict[str, Any]:
+    """Write as a job runner with a write token would; in a thread, so the browser runs on."""
+    url = f"{server.url}/api/tasks/{task_id}"
+    state: dict[str, Any] = await asyncio.to_thread(_api, url, "PUT", token(WRITE), update)
+    return state
+
+
+async def api_get(server: Instance, task_id: str) -> dict[str, Any]:
+    url = f"{server.url}/api/tasks/{task_id}"
+    state: dict[str, Any] = await asyncio.to_thread(_api, url, "GET", token(READ))
+    return state
+
+
+async def tab(browser: Browser, url: str) -> Page:
+    page = await new_tab(browser)
+    await page.context.add_init_script(CSP_RECORDER)
+    await page.goto(url)
+    return page
+
+
+async def csp_violations(page: Page) -> list[str]:
+    found: list[str] = await page.evaluate("window.__csp ?? []")
+    return found
+
+
+async def stored_token(page: Page) -> str | None:
+    value: str | None = await page.evaluate("sessionStorage.getItem('taskstatus.token')")
+    return value
+
+
+async def test_page_without_a_token_asks_for_one_and_goes_live_with_it(
+    browser: Browser, secured_server: Instance
+) -> None:
+    await api_put(secured_server, "page-auth-1", status="in_progress", progress=10)
+    page = await tab(browser, secured_server.url)
+    panel = page.locator("#auth")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "error")
+    await expect(panel).to_be_visible()
+    await expect(panel).to_have_attribute("data-status", "401")
+    await expect(page.locator("#auth-message")).to_have_text("This service needs an access token.")
+    await expect(page.locator("#token-state")).to_be_hidden()
+    await screenshot(page, "auth_needs_token")
+
+    await page.locator("#token-input").fill(token(READ, WRITE))
+    await page.locator("#token-form button").click()
+
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    await expect(panel).to_be_hidden()
+    await expect(page.locator("#token-state")).to_be_visible()
+    await expect(task(page, "page-auth-1", "status")).to_have_value("in_progress")
+    # A change made in the page goes out with the token.
+    await task(page, "page-auth-1", "status").select_option("completed")
+    await expect(task(page, "page-auth-1", "version")).to_have_text("2")
+    assert (await api_get(secured_server, "page-auth-1"))["status"] == "completed"
+    # ...and a change made elsewhere reaches the page over its long poll, also with the token.
+    await api_put(secured_server, "page-auth-1", progress=90)
+    await expect(task(page, "page-auth-1", "version")).to_have_text("3")
+    # Kept in this tab's sessionStorage, never in a cookie.
+    assert await stored_token(page)
+    assert await page.context.cookies() == []
+    assert await csp_violations(page) == []
+
+
+async def test_token_in_the_address_is_kept_in_the_tab_and_removed_from_the_address(
+    browser: Browser, secured_server: Instance
+) -> None:
+    raw = token(READ, WRITE)
+    page = await new_tab(browser)
+    await go_live(page, f"{secured_server.url}/#token={raw}")
+    assert page.url == f"{secured_server.url}/"
+    assert await stored_token(page) == raw
+    await page.reload()
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    # Another tab (another browser context) has no token of its own.
+    other = await tab(browser, secured_server.url)
+    await expect(other.locator("#auth")).to_have_attribute("data-status", "401")
+    # A link with a new token, followed in an open page, is taken at once.
+    await other.goto(f"{secured_server.url}/#token={raw}")
+    await expect(other.locator("#connection")).to_have_attribute("data-state", "live")
+    await expect(other.locator("#auth")).to_be_hidden()
+    assert other.url == f"{secured_server.url}/"
+
+
+async def test_read_only_token_follows_the_board_and_a_change_says_it_is_not_allowed(
+    browser: Browser, secured_server: Instance
+) -> None:
+    before = await api_put(secured_server, "page-auth-2", status="pending")
+    page = await new_tab(browser)
+    await go_live(page, f"{secured_server.url}/#token={token(READ)}")
+    await task(page, "page-auth-2", "status").select_option("failed")
+    error = task(page, "page-auth-2", "error")
+    await expect(error).to_be_visible()
+    await expect(error).to_contain_text("Not saved. Your access token does not allow this")
+    await expect(error).to_contain_text("tasks:write")
+    await expect(task(page, "page-auth-2", "status")).to_have_value("pending")  # reverted
+    await expect(page.locator("#auth")).to_have_attribute("data-status", "403")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    assert await api_get(secured_server, "page-auth-2") == before
+    await screenshot(page, "auth_not_allowed")
+
+
+async def test_token_limited_to_one_task_works_on_its_page_and_is_refused_the_board(
+    browser: Browser, secured_server: Instance
+) -> None:
+    await api_put(secured_server, "page-auth-3", status="in_progress")
+    limited = token(READ, WRITE, tasks=("page-auth-3",))
+    page = await new_tab(browser)
+    await go_live(page, f"{secured_server.url}/tasks/page-auth-3#token={limited}")
+    await api_put(secured_server, "page-auth-3", progress=55)
+    await expect(task(page, "page-auth-3", "progress")).to_have_attribute("data-value", "55")
+    await page.goto(f"{secured_server.url}/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "error")
+    await expect(page.locator("#auth")).to_have_attribute("data-status", "403")
+    await expect(page.locator("#auth-message")).to_contain_text("covers only some tasks")
+
+
+async def test_expired_token_says_so_and_forgetting_it_asks_for_a_new_one(
+    browser: Browser, secured_server: Instance
+) -> None:
+    expired = hand_made(valid_claims(exp=int(time.time()) - 60))
+    page = await tab(browser, f"{secured_server.url}/#token={expired}")
+    await expect(page.locator("#auth-message")).to_have_text("Your access token has expired.")
+    await expect(page.locator("#token-state")).to_be_visible()
+    await page.locator("#token-forget").click()
+    await expect(page.locator("#token-state")).to_be_hidden()
+    await expect(page.locator("#auth-message")).to_have_text("This service needs an access token.")
+    assert await stored_token(page) is None
+    assert await csp_violations(page) == []

@@ -1,7 +1,11 @@
 // Page wiring: reads the config the server put in data- attributes, starts one long poll for the
 // tab, and turns the user's actions (status selector, create form) into PUTs.
+import { TokenPanel, authHeaders, isRefusal, refusalText, takeTokenFromAddress } from "./auth.js";
 import { Board } from "./board.js";
 import { LongPoll } from "./watch.js";
+
+// Before any request: a token in the address is taken into this tab and out of the address.
+takeTokenFromAddress();
 
 const app = document.getElementById("app");
 const config = {
@@ -46,7 +50,7 @@ const board = new Board({
 async function putTask(id, update) {
   const response = await fetch(`/api/tasks/${encodeURIComponent(id)}`, {
     method: "PUT",
-    headers: { "Content-Type": "application/json", Accept: "application/json" },
+    headers: { "Content-Type": "application/json", Accept: "application/json", ...authHeaders() },
     body: JSON.stringify(update),
     // A write is answered at once; without a limit a hung server would leave the selector
     // disabled for good.
@@ -65,6 +69,14 @@ async function putTask(id, update) {
 
 // Why a write failed, in words a user can act on.
 function failureText(result) {
+  if (isRefusal(result.status)) {
+    tokenPanel.showRefusal(result.status, result.body);
+    return `Not saved. ${refusalText(result.status, result.body)}`;
+  }
+  if (result.status === 429) {
+    const wait = result.retryAfter ? ` Try again in ${result.retryAfter} s.` : "";
+    return `Not saved: too many changes in a short time.${wait}`;
+  }
   if (result.status === 503) {
     const wait = result.retryAfter ? ` Try again in ${result.retryAfter} s.` : " Try again shortly.";
     return `Not saved: the service cannot reach its data store.${wait}`;
@@ -182,6 +194,16 @@ const poll = new LongPoll({
   holdSeconds: config.holdSeconds,
   onState: showConnection,
   onServedBy: showServedBy,
+  headers: authHeaders,
+  onRefused(status, body) {
+    if (isRefusal(status)) tokenPanel.showRefusal(status, body);
+  },
+});
+
+// A new token (typed, forgotten, or brought by the address): ask again with it, from a snapshot.
+const tokenPanel = new TokenPanel({ onChange: () => poll.restart() });
+window.addEventListener("hashchange", () => {
+  if (takeTokenFromAddress()) tokenPanel.tokenChanged();
 });
 
 // A hidden tab may be throttled or frozen and its request dead without an error; when it is seen
