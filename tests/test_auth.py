@@ -367,7 +367,7 @@ async def put_with(client: Client, task: str, raw: str, **body: Any) -> dict[str
 
 
 async def test_pages_probes_and_static_files_need_no_token(secured: Client) -> None:
-    for path in ("/", "/tasks/seen", "/healthz", "/readyz", "/static/main.js"):
+    for path in ("/", "/tasks/seen", "/healthz", "/readyz", "/static/main.js", "/api/openapi.json"):
         assert (await secured.get(path)).status == 200, path
 
 
