@@ -44,7 +44,7 @@ REALM = "taskstatus"
 LEEWAY_SECONDS = 10  # clock skew tolerated between the issuer and this service
 MIN_RSA_BITS = 2048
 
-# Routes on the task "default" (the seed's endpoints), and routes that answer for every task.
+# The seed's endpoints, which act on the task "default".
 _DEFAULT_TASK_ROUTES = frozenset({"/api/status", "/api/poll-status", "/api/update-status"})
 # API documents that describe the service and hold no task data.
 _PUBLIC_API_ROUTES = frozenset({"/api/openapi.json"})
