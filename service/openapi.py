@@ -25,12 +25,13 @@ Schema = dict[str, Any]
 
 
 def digits_at_most(limit: int) -> str:
-    """A regex of the decimal numerals (leading zeros allowed) whose value is at most ``limit``.
+    """A regex of the decimal numerals no wider than ``limit`` (leading zeros allowed) whose value
+    is at most ``limit``.
 
-    It says in a pattern what ``model.parse_counter`` accepts (the sequence number of a watch
-    cursor): every numeral shorter than ``limit``'s, then, digit by digit, ``limit``'s first digits
-    followed by a smaller digit and anything; and ``limit`` itself. 999: ``[0-9]{1,2}``,
-    ``[0-8][0-9]{2}``, ``9[0-8][0-9]``, ``99[0-8]``, ``999``.
+    For MAX_COUNTER (16 digits) that is what ``model.parse_counter`` accepts, said as a pattern
+    (the sequence number of a watch cursor): every numeral narrower than ``limit``, then, digit by
+    digit, ``limit``'s first digits followed by a smaller digit and anything; and ``limit`` itself.
+    999: ``[0-9]{1,2}``, ``[0-8][0-9]{2}``, ``9[0-8][0-9]``, ``99[0-8]``, ``999``.
     """
     text = str(limit)
     width = len(text)
