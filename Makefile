@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 8080
 SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx chromium:chromium docker-compose:docker-compose
 
-.PHONY: run demo test lint fmt typecheck bench bench-quick screenshot system-packages clean
+.PHONY: run demo test lint fmt typecheck bench bench-quick bench-setup screenshot system-packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,23 @@ fmt: $(STAMP)
 test: $(STAMP) system-packages lint typecheck  ## the whole suite
 	$(BIN)/pytest
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.installed-bench
+NCHAN_MODULE := /usr/lib/nginx/modules/ngx_nchan_module.so
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench-setup: $(BENCH_STAMP)
 	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx
+	test -f $(NCHAN_MODULE) || { s=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$s apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$s apt-get install -y -qq --no-install-recommends libnginx-mod-nchan; }
+
+bench: bench-setup  ## every target and scenario, 10,000 polls (about 15 minutes): bench/results/
 	$(BIN)/python -m bench
+
+bench-quick: bench-setup  ## 1,000 polls, this service and the seed design, under 2 minutes
+	$(BIN)/python -m bench --quick
 
 screenshot: $(STAMP)  ## docs/board.png: the board, photographed on a running cluster
 	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx chromium:chromium

@@ -1,0 +1,1 @@
+"""Benchmarks of long-poll fan-out: this service, the seed design and Nchan (`make bench`)."""

@@ -1,0 +1,265 @@
+"""``python -m bench [--quick]``: every scenario against every target, then the report.
+
+Full: hold and fan-out at 1,000 / 5,000 / 10,000 polls, throughput, many tasks, against this
+service (1 instance; 3 instances + nginx), the seed design and Nchan (1 nginx; 2 + balancer).
+Quick (``--quick``, under 2 minutes): 1,000 polls, fewer rounds, this service (1 instance) and
+the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .load import LoadClient, raise_nofile_limit
+from .report import write_report
+from .scenarios import Emit, Record, Settings, hold_and_fanout, many_tasks, throughput
+from .targets import TARGETS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+FULL = Settings(
+    sizes=(1_000, 5_000, 10_000),
+    rounds=5,
+    probe_rounds=3,
+    probe_interval=0.005,
+    round_timeout=60.0,
+    hold_timeout=90.0,
+    throughput_waiters=1_000,
+    throughput_seconds=5.0,
+    throughput_writers=8,
+    many_tasks=1_000,
+    many_waiters=10,
+    many_rate=500.0,
+    many_seconds=5.0,
+    seed_max=5_000,
+)
+QUICK = Settings(
+    sizes=(1_000,),
+    rounds=3,
+    probe_rounds=2,
+    probe_interval=0.005,
+    round_timeout=20.0,
+    hold_timeout=30.0,
+    throughput_waiters=1_000,
+    throughput_seconds=3.0,
+    throughput_writers=8,
+    many_tasks=100,
+    many_waiters=10,
+    many_rate=200.0,
+    many_seconds=3.0,
+    seed_max=1_000,
+)
+FULL_TARGETS = ("service-1", "service-3", "seed", "nchan-1", "nchan-2")
+QUICK_TARGETS = ("service-1", "seed")
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as meminfo:
+        mem_kib = int(meminfo.readline().split()[1])
+    nchan = _version(["dpkg-query", "-W", "-f", "${Version}", "libnginx-mod-nchan"])
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": _version([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
+        "nchan": nchan,
+        "redis": _version(["redis-server", "--version"]),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="N=1,000 only, fewer rounds and targets"
+    )
+    parser.add_argument("--targets", help=f"comma-separated, of {', '.join(TARGETS)}")
+    parser.add_argument("--sizes", help="comma-separated poll counts for hold and fan-out")
+    parser.add_argument("--rounds", type=int, help="fan-out rounds (without probe writes)")
+    parser.add_argument(
+        "--scenarios", default="fanout,throughput,many", help="of fanout, throughput, many"
+    )
+    parser.add_argument("--workers", type=int, default=4, help="poll worker processes")
+    parser.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="the load client's loop"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    settings = QUICK if args.quick else FULL
+    if args.sizes:
+        settings = _replace(settings, sizes=tuple(int(s) for s in args.sizes.split(",")))
+    if args.rounds:
+        settings = _replace(settings, rounds=args.rounds)
+    targets = (
+        args.targets.split(",")
+        if args.targets
+        else list(QUICK_TARGETS if args.quick else FULL_TARGETS)
+    )
+    scenarios = set(args.scenarios.split(","))
+    for key in targets:
+        if key not in TARGETS:
+            parser.error(f"unknown target {key}")
+
+    # SIGTERM unwinds like Ctrl-C: every target started so far is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    nofile = raise_nofile_limit()  # children (instances, the seed, nginx) inherit it
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    mode = "quick" if args.quick else "full"
+    jsonl = args.out / f"results-{mode}-{stamp}.jsonl"
+    records: list[dict[str, Any]] = []
+
+    def emit(record: Record) -> None:
+        record.setdefault("loadavg", os.getloadavg())
+        records.append(record)
+        with jsonl.open("a") as out:
+            out.write(json.dumps(record, default=_plain) + "\n")
+        print(_one_line(record), flush=True)
+
+    started = time.monotonic()
+    client = LoadClient(args.workers, args.loop)
+    try:
+        limits = client.limits()
+        emit(
+            {
+                "scenario": "run",
+                "mode": mode,
+                "machine": machine(),
+                "settings": settings.__dict__,
+                "targets": targets,
+                "load_client": {
+                    "poll_workers": args.workers,
+                    "loop": args.loop,
+                    "writer_processes": 1,
+                    "nofile_coordinator": nofile,
+                    "nofile_workers": [lim["nofile"] for lim in limits],
+                },
+                "note": "2 shared cores: the load client, every target and other people's test "
+                "runs share them",
+            }
+        )
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            for key in targets:
+                run_target(client, key, settings, scenarios, Path(tmp), emit)
+    finally:
+        client.shutdown()
+    records.append({"scenario": "elapsed", "seconds": time.monotonic() - started})
+    table = write_report(records, args.out, jsonl)
+    print(table)
+    print(f"\nresults: {jsonl}\ntable: {args.out / 'table.md'}\nchart: {args.out / 'fanout.png'}")
+
+
+def run_target(
+    client: LoadClient,
+    key: str,
+    settings: Settings,
+    scenarios: set[str],
+    work: Path,
+    emit: Emit,
+) -> None:
+    """Every scenario against one target; a failure is recorded and the run goes on."""
+    thread_cap = f"a thread per poll: runs up to {settings.seed_max:,} polls"
+    steps: list[tuple[int, Callable[[], None]]] = []
+    if "fanout" in scenarios:
+        for n in settings.sizes:
+            steps.append(
+                (n, partial(hold_and_fanout, client, key, n, settings, work / f"{key}-{n}", emit))
+            )
+    if "throughput" in scenarios:
+        n = settings.throughput_waiters
+        steps.append((n, partial(throughput, client, key, settings, work / f"{key}-tp", emit)))
+    if "many" in scenarios:
+        n = settings.many_tasks * settings.many_waiters
+        steps.append((n, partial(many_tasks, client, key, settings, work / f"{key}-many", emit)))
+    for n, step in steps:
+        if key == "seed" and n > settings.seed_max:
+            emit({"scenario": "skipped", "target": key, "n": n, "why": thread_cap})
+            continue
+        try:
+            step()
+        except Exception as exc:
+            emit(
+                {
+                    "scenario": "failed",
+                    "target": key,
+                    "n": n,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            )
+            client.close()  # whatever the step left open
+
+
+def _replace(settings: Settings, **changes: Any) -> Settings:
+    return Settings(**{**settings.__dict__, **changes})
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _one_line(record: Record) -> str:
+    kind = record["scenario"]
+    head = f"[{kind}] {record.get('target', '')} n={record.get('n', '')}"
+    if kind == "fanout":
+        ttl = record["time_to_last_ms"]
+        ack = record["fanout_write_ack_ms"]["p50_ms"]
+        probes = record["write_during_fanout_ms"]["p99_ms"]
+        return (
+            f"{head}: time-to-last {ttl['median']:.0f} ms ({ttl['min']:.0f}-{ttl['max']:.0f}),"
+            f" p50 {record['p50_ms']:.0f} ms, write ack p50 {ack:.1f} ms, other writes p99"
+            f" {probes:.1f} ms, missed {record['missing']},"
+            f" client busy {record['client_worker_busy_max']:.0%}"
+        )
+    if kind == "hold":
+        kib = ", ".join(f"{k} {v:.1f}" for k, v in record["kib_per_waiter"].items())
+        held, seconds = record["held_server"], record["open_seconds"]
+        return f"{head}: held {held} in {seconds:.1f} s; KiB/poll {kib}"
+    if kind == "throughput":
+        return (
+            f"{head}: {record['accepted_per_s']:.0f} updates/s, {record['notifications_per_s']:.0f}"
+            f" notifications/s, lag p99 {record['lag_versions_p99']} versions"
+        )
+    if kind == "many_tasks":
+        delay = record["delay"]
+        return (
+            f"{head}: {record['notifications_per_s']:.0f} notifications/s,"
+            f" delay p50 {delay['p50_ms']:.1f} ms p99 {delay['p99_ms']:.1f} ms"
+        )
+    return f"{head}: {json.dumps(record, default=_plain)[:300]}"
