@@ -12,9 +12,11 @@ import logging
 import random
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
+from .auth import GRANT
 from .backend import TaskLimitReached, VersionConflict
+from .conditional import parse_if_none_match, parse_prefer_wait
 from .errors import ApiError, bad_request
 from .hub import WATCH_KEY, Change
 from .keys import BACKEND, CONFIG, HUB
@@ -73,15 +75,17 @@ def _required_counter(request: web.Request, name: str) -> int:
     return parse_counter(name, raw)
 
 
-def _poll_timeout(request: web.Request) -> float:
-    """The hold: asked for (or the default), capped, and shortened by a little random jitter.
+def _poll_timeout(request: web.Request, asked: int | None = None) -> float:
+    """The hold: asked for (``asked``, else the query's ``timeout``, else the default), capped,
+    and shortened by a little random jitter.
 
     The jitter (up to 10 %, at most 2 s) spreads the return of clients that connected together,
     so they do not all come back in the same instant; a hold never exceeds what was asked.
     """
     config = request.app[CONFIG]
-    raw = _single(request, "timeout")
-    asked = config.poll_timeout if raw is None else parse_counter("timeout", raw)
+    if asked is None:
+        raw = _single(request, "timeout")
+        asked = config.poll_timeout if raw is None else parse_counter("timeout", raw)
     hold = min(asked, config.poll_timeout_max)
     return hold - random.uniform(0, min(hold * 0.1, 2.0))
 
@@ -102,17 +106,19 @@ def _admit_waiter(request: web.Request) -> None:
         )
 
 
-def _nothing_new(request: web.Request) -> web.Response:
-    """204: the hold passed with no change, or the instance is shutting down.
+def _nothing_new(request: web.Request, etag: int | None = None) -> web.Response:
+    """204 (304 with the ``etag`` of a conditional GET): the hold passed with no change, or the
+    instance is shutting down.
 
     On shutdown the answer also closes the connection and asks for a jittered pause, so the
     clients of a drained instance spread over the others instead of all reconnecting at once.
     """
+    status, headers = 204, {}
+    if etag is not None:
+        status, headers = 304, {"ETag": f'"{etag}"'}
     if request.app[HUB].closed:
-        return web.Response(
-            status=204, headers={"Retry-After": _retry_after(), "Connection": "close"}
-        )
-    return web.Response(status=204)
+        headers |= {"Retry-After": _retry_after(), "Connection": "close"}
+    return web.Response(status=status, headers=headers)
 
 
 def _task_id(request: web.Request) -> str:
@@ -126,8 +132,33 @@ async def get_status(request: web.Request) -> web.Response:
     return state_response(await request.app[BACKEND].get(DEFAULT_TASK))
 
 
-async def get_task(request: web.Request) -> web.Response:
-    return state_response(await request.app[BACKEND].get(_task_id(request)))
+async def get_task(request: web.Request) -> web.StreamResponse:
+    """The state; a conditional GET (``If-None-Match``, ``Prefer: wait``) is a long poll."""
+    task_id = _task_id(request)
+    backend = request.app[BACKEND]
+    tags = parse_if_none_match(request.headers.getall(hdrs.IF_NONE_MATCH, []))
+    if tags is None:  # unconditional, or naming no state of ours: nothing matches
+        return state_response(await backend.get(task_id))
+    wait = parse_prefer_wait(request.headers.getall("Prefer", []))
+    since = tags.single
+    if since is None or wait is None:  # "*" or several tags: the current one is the one to hold
+        state = await backend.get(task_id)
+        if not tags.matches(state.version):
+            return state_response(state)
+        if wait is None:
+            return _nothing_new(request, etag=state.version)
+        since = state.version
+    response = await _poll(request, task_id, since, asked=wait, conditional=True)
+    applied = min(wait, request.app[CONFIG].poll_timeout_max)
+    response.headers["Preference-Applied"] = f"wait={applied}"
+    return response
+
+
+async def task_history(request: web.Request) -> web.Response:
+    """The task's last changes, newest first (empty for a task never written)."""
+    task_id = _task_id(request)
+    entries = await request.app[BACKEND].history(task_id)
+    return json_response({"task": task_id, "history": [entry.to_dict() for entry in entries]})
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -138,8 +169,17 @@ async def list_tasks(request: web.Request) -> web.Response:
 # --- long polls -------------------------------------------------------------------------------
 
 
-async def _poll(request: web.Request, task_id: str, since: int) -> web.StreamResponse:
-    timeout = _poll_timeout(request)
+async def _poll(
+    request: web.Request,
+    task_id: str,
+    since: int,
+    *,
+    asked: int | None = None,
+    conditional: bool = False,
+) -> web.StreamResponse:
+    """Hold until the task's version is not ``since``, for ``asked`` seconds (default: the query's
+    ``timeout``); a ``conditional`` GET answers 304 rather than 204 when nothing changed."""
+    timeout = _poll_timeout(request, asked)
     _admit_waiter(request)
     hub = request.app[HUB]
     backend = request.app[BACKEND]
@@ -152,7 +192,7 @@ async def _poll(request: web.Request, task_id: str, since: int) -> web.StreamRes
             return state_response(state)
         change = await waiter.wait(lambda c: c.state.version > since, timeout)
     if change is None:
-        return _nothing_new(request)
+        return _nothing_new(request, etag=since if conditional else None)
     return change_response(change)
 
 
@@ -236,8 +276,9 @@ async def _read_json_body(request: web.Request) -> bytes:
 async def _write(request: web.Request, task_id: str) -> web.Response:
     config = request.app[CONFIG]
     update = parse_update(await _read_json_body(request), config.statuses)
+    grant = request.get(GRANT)
     try:
-        result = await request.app[BACKEND].write(task_id, update)
+        result = await request.app[BACKEND].write(task_id, update, grant and grant.subject)
     except TaskLimitReached:
         raise ApiError(
             507,
@@ -278,6 +319,7 @@ def setup_api_routes(app: web.Application) -> None:
     app.router.add_get("/api/tasks/{task_id}", get_task, allow_head=False)
     app.router.add_put("/api/tasks/{task_id}", put_task)
     app.router.add_get("/api/tasks/{task_id}/poll", poll_task, allow_head=False)
+    app.router.add_get("/api/tasks/{task_id}/history", task_history, allow_head=False)
     app.router.add_get("/api/watch", watch, allow_head=False)
 
 

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .history import DEFAULT_HISTORY_LENGTH, MAX_HISTORY_LENGTH
 from .model import DEFAULT_STATUSES, TASK_ID_PATTERN
 
 MIN_SECRET_BYTES = 32  # HS256 keys shorter than the hash are weak (RFC 7518, 3.2)
@@ -36,6 +37,7 @@ class Config:
     shutdown_timeout: float = 10.0  # seconds to finish in-flight requests on SIGTERM
     max_held_polls: int = 20000  # past it, new polls and watches get 503 + Retry-After
     max_tasks: int = 100000  # past it, a write that would create a task gets 507
+    history_length: int = DEFAULT_HISTORY_LENGTH  # changes kept per task; 0: no history
     event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
     # Authentication (auth.py): off unless a secret (HS256) or a public key file (RS256/ES256).
     auth_secret: str = field(default="", repr=False)  # never in logs or tracebacks
@@ -63,6 +65,8 @@ class Config:
             raise ValueError("POLL_TIMEOUT must be between 1 and POLL_TIMEOUT_MAX")
         if self.max_held_polls < 1 or self.max_tasks < 1:
             raise ValueError("MAX_HELD_POLLS and MAX_TASKS must be at least 1")
+        if not 0 <= self.history_length <= MAX_HISTORY_LENGTH:
+            raise ValueError(f"HISTORY_LENGTH must be between 0 and {MAX_HISTORY_LENGTH}")
         self._check_security_settings()
         if not self.instance_id:
             object.__setattr__(self, "instance_id", f"{socket.gethostname()}:{self.port}")
@@ -162,6 +166,12 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         type=int,
         default=env.get("MAX_TASKS", str(d.max_tasks)),
         help="tasks in the store; past it, writes creating a task get 507",
+    )
+    parser.add_argument(
+        "--history-length",
+        type=int,
+        default=env.get("HISTORY_LENGTH", str(d.history_length)),
+        help="changes kept per task for GET /api/tasks/{id}/history; 0: none",
     )
     _add_security_arguments(parser, env, d)
     parser.add_argument(

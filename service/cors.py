@@ -12,8 +12,8 @@ from aiohttp import web
 
 ALLOW_METHODS = ("GET", "PUT", "POST")
 # What a page of another origin may send and read besides the CORS-safelisted headers.
-ALLOW_HEADERS = ("Authorization", "Content-Type")
-EXPOSE_HEADERS = ("ETag", "Retry-After", "WWW-Authenticate", "X-Served-By")
+ALLOW_HEADERS = ("Authorization", "Content-Type", "If-None-Match", "Prefer")
+EXPOSE_HEADERS = ("ETag", "Preference-Applied", "Retry-After", "WWW-Authenticate", "X-Served-By")
 PREFLIGHT_MAX_AGE = 600  # seconds a browser may cache a preflight answer
 
 

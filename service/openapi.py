@@ -171,6 +171,25 @@ def _poll(operation_id: str, summary: str, version: str, task_id: bool) -> Schem
     )
 
 
+def _conditional_parameters() -> list[Schema]:
+    """Standard HTTP long polling: a conditional GET that may wait (RFC 9110, RFC 7240)."""
+    return [
+        _parameter(
+            "If-None-Match",
+            "header",
+            {"type": "string"},
+            'the ETag the client has, e.g. `"7"`: 304 while it is still the current one',
+        ),
+        _parameter(
+            "Prefer",
+            "header",
+            {"type": "string"},
+            "`wait=<seconds>` (with `If-None-Match`): hold until the state changes, at most so "
+            "long (capped by POLL_TIMEOUT_MAX); other preferences are ignored",
+        ),
+    ]
+
+
 def _watch() -> Schema:
     since = _parameter(
         "since",
@@ -267,10 +286,18 @@ def _paths() -> Schema:
         "/api/tasks/{task_id}": {
             "get": _read(
                 "getTask",
-                "The state of a task (version 0 if never written)",
-                [TASK_ID_PARAMETER],
+                "The state of a task (version 0 if never written); with `If-None-Match` and "
+                "`Prefer: wait`, a long poll",
+                [TASK_ID_PARAMETER, *_conditional_parameters()],
                 {
-                    "200": _state("The state"),
+                    "200": _response(
+                        "The state", _ref("TaskState"), headers=("ETag", "Preference-Applied")
+                    ),
+                    "304": _response(
+                        "The state is still the one `If-None-Match` names (at once without "
+                        "`Prefer: wait`, else once the wait passed)",
+                        headers=("ETag", "Preference-Applied", "Retry-After"),
+                    ),
                     "400": BAD_REQUEST,
                     "404": NO_ROUTE,
                     "503": UNAVAILABLE,
@@ -280,6 +307,19 @@ def _paths() -> Schema:
         },
         "/api/tasks/{task_id}/poll": {
             "get": _poll("pollTask", "Long poll on one task", "since", True)
+        },
+        "/api/tasks/{task_id}/history": {
+            "get": _read(
+                "getTaskHistory",
+                "The last changes of a task (HISTORY_LENGTH), newest first",
+                [TASK_ID_PARAMETER],
+                {
+                    "200": _response("The changes", _ref("TaskHistory")),
+                    "400": BAD_REQUEST,
+                    "404": NO_ROUTE,
+                    "503": UNAVAILABLE,
+                },
+            )
         },
         "/api/watch": {"get": _watch()},
         OPENAPI_PATH: {
@@ -396,6 +436,32 @@ def _components(statuses: tuple[str, ...]) -> Schema:
                     "expected_version": {**counter, "type": ["integer", "null"]},
                 },
             },
+            "TaskHistory": {
+                "type": "object",
+                "required": ["task", "history"],
+                "additionalProperties": False,
+                "properties": {
+                    "task": {"type": "string", "pattern": TASK_ID},
+                    "history": {"type": "array", "items": _ref("HistoryEntry")},
+                },
+            },
+            "HistoryEntry": {
+                "type": "object",
+                "description": "One change: the state right after it, and who made it",
+                "required": ["version", "status", "progress", "message", "updated_at", "subject"],
+                "additionalProperties": False,
+                "properties": {
+                    "version": {**counter, "minimum": 1},
+                    "status": {"type": "string"},
+                    "progress": {"type": ["integer", "null"], "minimum": 0, "maximum": 100},
+                    "message": {"type": ["string", "null"], "maxLength": MESSAGE_MAX_CHARS},
+                    "updated_at": {"type": "string", "format": "date-time"},
+                    "subject": {
+                        "type": ["string", "null"],
+                        "description": "the `sub` of the writer's token; null without one",
+                    },
+                },
+            },
             "TaskList": {
                 "type": "object",
                 "required": ["tasks"],
@@ -469,6 +535,10 @@ def _components(statuses: tuple[str, ...]) -> Schema:
                 "description": "the version of the state, quoted",
                 "required": True,
                 "schema": {"type": "string", "pattern": '^"[0-9]+"$'},
+            },
+            "Preference-Applied": {
+                "description": "the wait honoured (RFC 7240), capped by POLL_TIMEOUT_MAX",
+                "schema": {"type": "string", "pattern": "^wait=[0-9]+$"},
             },
             "Retry-After": {
                 "description": "seconds to wait before trying again",

@@ -231,6 +231,14 @@ async def test_answers_of_every_default_operation_conform(sampler_factory: Sampl
     await s.send("GET", poll, "/api/tasks/a/poll?since=2&timeout=0", 204)
     await s.send("GET", poll, "/api/tasks/a/poll?since=x", 400)
     await s.send("GET", poll, "/api/tasks/../poll?since=0", 404)
+    await s.send("GET", task, "/api/tasks/a", 304, headers={"If-None-Match": '"2"'})
+    waited = {"If-None-Match": '"2"', "Prefer": "wait=0"}
+    await s.send("GET", task, "/api/tasks/a", 304, headers=waited)
+    await s.send("GET", task, "/api/tasks/a", 200, headers={**waited, "If-None-Match": '"1"'})
+    history = "/api/tasks/{task_id}/history"
+    await s.send("GET", history, "/api/tasks/a/history", 200)
+    await s.send("GET", history, "/api/tasks/-a/history", 400)
+    await s.send("GET", history, "/api/tasks/../history", 404)
     await s.send("GET", "/api/poll-status", "/api/poll-status?last_version=0&timeout=0", 200)
     await s.send("GET", "/api/poll-status", "/api/poll-status?last_version=2&timeout=0", 204)
     await s.send("GET", "/api/poll-status", "/api/poll-status", 400)

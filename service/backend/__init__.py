@@ -18,9 +18,13 @@ __all__ = [
 
 def create_backend(config: Config) -> Backend:
     if not config.redis_url:
-        return MemoryBackend(config.statuses, config.max_tasks)
+        return MemoryBackend(config.statuses, config.max_tasks, config.history_length)
     from .redis import RedisBackend  # imported only when used: the embedded mode needs no redis
 
     return RedisBackend(
-        config.statuses, config.max_tasks, url=config.redis_url, prefix=config.redis_prefix
+        config.statuses,
+        config.max_tasks,
+        url=config.redis_url,
+        prefix=config.redis_prefix,
+        history_length=config.history_length,
     )

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
 from ..model import Cursor, TaskState, TaskUpdate, WatchBatch
 
@@ -44,9 +45,15 @@ class WriteResult:
 
 
 class Backend(ABC):
-    def __init__(self, statuses: tuple[str, ...], max_tasks: int) -> None:
+    def __init__(
+        self,
+        statuses: tuple[str, ...],
+        max_tasks: int,
+        history_length: int = DEFAULT_HISTORY_LENGTH,
+    ) -> None:
         self.statuses = statuses
         self.max_tasks = max_tasks
+        self.history_length = history_length
 
     @abstractmethod
     async def start(self, sink: ChangeSink) -> None:
@@ -76,9 +83,17 @@ class Backend(ABC):
         """Every task that was ever written, oldest change first."""
 
     @abstractmethod
-    async def write(self, task_id: str, update: TaskUpdate) -> WriteResult:
-        """Apply ``update`` atomically: version + 1; or ``VersionConflict`` or
-        ``TaskLimitReached`` (a new task beyond ``max_tasks``) and no change."""
+    async def write(
+        self, task_id: str, update: TaskUpdate, subject: str | None = None
+    ) -> WriteResult:
+        """Apply ``update`` atomically: version + 1 and an entry in the task's history, naming
+        ``subject`` (who wrote); or ``VersionConflict`` or ``TaskLimitReached`` (a new task beyond
+        ``max_tasks``) and no change."""
+
+    @abstractmethod
+    async def history(self, task_id: str) -> list[HistoryEntry]:
+        """The task's last ``history_length`` changes, newest first; none for a task never
+        written."""
 
     @abstractmethod
     async def changes_since(self, since: Cursor | None, only: frozenset[str] | None) -> WatchBatch:

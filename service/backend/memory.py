@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import secrets
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
+from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
 from ..model import Cursor, TaskState, TaskUpdate, WatchBatch, initial_state, utc_now_iso
 from .base import Backend, ChangeSink, TaskLimitReached, VersionConflict, WriteResult
 
 
 class MemoryBackend(Backend):
-    def __init__(self, statuses: tuple[str, ...], max_tasks: int) -> None:
-        super().__init__(statuses, max_tasks)
+    def __init__(
+        self,
+        statuses: tuple[str, ...],
+        max_tasks: int,
+        history_length: int = DEFAULT_HISTORY_LENGTH,
+    ) -> None:
+        super().__init__(statuses, max_tasks, history_length)
         # Ordered by the sequence number of each task's last change, so a watch reads only the
         # tail it has not seen instead of every task.
         self._tasks: OrderedDict[str, tuple[TaskState, int]] = OrderedDict()
         self._seq = 0
+        # Each task's last changes, oldest first; a full deque drops its oldest on append.
+        self._history: dict[str, deque[HistoryEntry]] = {}
         # A new process starts from empty state: a new epoch tells watchers to take a snapshot.
         self._epoch = secrets.token_hex(4)
         self._sink: ChangeSink | None = None
@@ -40,7 +48,9 @@ class MemoryBackend(Backend):
     async def list_tasks(self) -> list[TaskState]:
         return [state for state, _ in self._tasks.values()]
 
-    async def write(self, task_id: str, update: TaskUpdate) -> WriteResult:
+    async def write(
+        self, task_id: str, update: TaskUpdate, subject: str | None = None
+    ) -> WriteResult:
         # No await from here to the publish: the event loop makes this one atomic step.
         current = self._state(task_id)
         if update.expected_version is not None and update.expected_version != current.version:
@@ -51,9 +61,15 @@ class MemoryBackend(Backend):
         self._seq += 1
         self._tasks[task_id] = (state, self._seq)
         self._tasks.move_to_end(task_id)
+        if self.history_length:
+            changes = self._history.setdefault(task_id, deque(maxlen=self.history_length))
+            changes.append(HistoryEntry.of(state, subject))
         if self._sink is not None:
             self._sink.publish(Change(state, Cursor(self._epoch, self._seq)))
         return WriteResult(previous=current, state=state)
+
+    async def history(self, task_id: str) -> list[HistoryEntry]:
+        return list(reversed(self._history.get(task_id, ())))
 
     async def changes_since(self, since: Cursor | None, only: frozenset[str] | None) -> WatchBatch:
         cursor = Cursor(self._epoch, self._seq)

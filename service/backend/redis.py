@@ -6,6 +6,7 @@ Key layout (``prefix`` defaults to ``taskstatus:``):
 - ``{prefix}changes``    sorted set: task id -> ``seq`` of its last change (the watch index)
 - ``{prefix}seq``        the global change counter
 - ``{prefix}epoch``      a random id of this data set; a new one tells watchers to resnapshot
+- ``{prefix}history:{id}`` list: the task's last changes as JSON, newest first, trimmed by the write
 - channel ``{prefix}changes``: one message per write, ``{"epoch", "seq", "state"}``
 
 Writes are one Lua script (``lua/write.lua``). The reader task subscribes, then re-reads every task
@@ -35,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..errors import BackendUnavailable
+from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
 from ..model import UNSET, Cursor, TaskState, TaskUpdate, WatchBatch, initial_state
 from .base import Backend, ChangeSink, TaskLimitReached, VersionConflict, WriteResult
@@ -79,8 +81,16 @@ def parse_change(data: bytes) -> Change:
 
 
 class RedisBackend(Backend):
-    def __init__(self, statuses: tuple[str, ...], max_tasks: int, *, url: str, prefix: str) -> None:
-        super().__init__(statuses, max_tasks)
+    def __init__(
+        self,
+        statuses: tuple[str, ...],
+        max_tasks: int,
+        *,
+        url: str,
+        prefix: str,
+        history_length: int = DEFAULT_HISTORY_LENGTH,
+    ) -> None:
+        super().__init__(statuses, max_tasks, history_length)
         self._url = url
         self._prefix = prefix
         self._channel = f"{prefix}changes"
@@ -115,6 +125,9 @@ class RedisBackend(Backend):
 
     def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}task:{task_id}"
+
+    def _history_key(self, task_id: str) -> str:
+        return f"{self._prefix}history:{task_id}"
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -271,10 +284,13 @@ class RedisBackend(Backend):
     async def list_tasks(self) -> list[TaskState]:
         return (await self.changes_since(None, None)).tasks
 
-    def write_call(self, task_id: str, update: TaskUpdate) -> tuple[list[str], list[str]]:
-        """The write script's keys and arguments for ``update`` of ``task_id``."""
+    def write_call(
+        self, task_id: str, update: TaskUpdate, subject: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        """The write script's keys and arguments for ``update`` of ``task_id`` by ``subject``."""
         expected = "" if update.expected_version is None else str(update.expected_version)
         keys = [self._task_key(task_id), self._index_key, self._seq_key, self._epoch_key]
+        keys.append(self._history_key(task_id))
         args = [
             task_id,
             self.statuses[0],
@@ -285,11 +301,15 @@ class RedisBackend(Backend):
             *_field_args(update.progress),
             *_field_args(update.message),
             str(self.max_tasks),
+            str(self.history_length),
+            subject or "",
         ]
         return keys, args
 
-    async def write(self, task_id: str, update: TaskUpdate) -> WriteResult:
-        keys, args = self.write_call(task_id, update)
+    async def write(
+        self, task_id: str, update: TaskUpdate, subject: str | None = None
+    ) -> WriteResult:
+        keys, args = self.write_call(task_id, update, subject)
         outcome, *rest = await self._call(self.write_script(keys=keys, args=args))
         if outcome == b"conflict":
             raise VersionConflict(TaskState.from_dict(json.loads(rest[0])))
@@ -299,6 +319,13 @@ class RedisBackend(Backend):
         state = TaskState.from_dict(json.loads(state_json))
         previous = TaskState(task_id, previous_status.decode(), version=state.version - 1)
         return WriteResult(previous=previous, state=state)
+
+    async def history(self, task_id: str) -> list[HistoryEntry]:
+        if not self.history_length:
+            return []
+        key = self._history_key(task_id)
+        entries = await self._call(self._redis.lrange(key, 0, self.history_length - 1))
+        return [HistoryEntry.from_dict(json.loads(raw)) for raw in entries]
 
     async def changes_since(self, since: Cursor | None, only: frozenset[str] | None) -> WatchBatch:
         args: list[str | int] = [

@@ -1,13 +1,15 @@
 -- Apply one update to one task as a single atomic step: check the expected version, bump the
--- version, store the state, record the change in the change index, PUBLISH it. Nothing can see
--- the new state without its message being on its way, and two writers never share a version.
+-- version, store the state, record the change in the change index and in the task's history,
+-- PUBLISH it. Nothing can see the new state without its message being on its way (nor without
+-- its history entry), and two writers never share a version.
 --
 -- KEYS[1] task hash   KEYS[2] change index (zset: task id -> seq of its last change)
--- KEYS[3] global change counter   KEYS[4] epoch
+-- KEYS[3] global change counter   KEYS[4] epoch   KEYS[5] task history (list, newest first)
 -- ARGV[1] task id   ARGV[2] initial status   ARGV[3] expected version ('' = any)
 -- ARGV[4] epoch to use if none is set   ARGV[5] channel
 -- ARGV[6..11] (mode, value) for status, progress, message; mode is keep | set | null
 -- ARGV[12] the most tasks the store may hold
+-- ARGV[13] history entries kept per task (0: none)   ARGV[14] who writes (token subject, '' = none)
 -- Returns {'ok', previous status, new state JSON}, {'conflict', current state JSON} or
 -- {'task_limit'} (the write would create a task beyond ARGV[12]).
 
@@ -71,6 +73,15 @@ local seq = redis.call('INCR', KEYS[3])
 local encoded = cjson.encode(state)
 redis.call('HSET', KEYS[1], 'state', encoded, 'version', state.version, 'seq', seq)
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
+local keep = tonumber(ARGV[13])
+if keep > 0 then
+  local subject = cjson.null
+  if ARGV[14] ~= '' then subject = ARGV[14] end
+  redis.call('LPUSH', KEYS[5], cjson.encode({
+    version = state.version, status = state.status, progress = state.progress,
+    message = state.message, updated_at = state.updated_at, subject = subject}))
+  redis.call('LTRIM', KEYS[5], 0, keep - 1)
+end
 redis.call('PUBLISH', ARGV[5],
   '{"epoch":"' .. epoch .. '","seq":' .. seq .. ',"state":' .. encoded .. '}')
 return {'ok', previous_status, encoded}
