@@ -228,7 +228,7 @@ class Poll(HttpConn):
             return
         if self.server_closes:  # a new connection per poll, as a browser does with such a server
             worker.reopened += 1
-            worker.spawn(worker.connect(self))
+            worker.spawn(worker.reopen(self))
             return
         worker.errors["dropped"] += 1
         if self.reconnects < MAX_RECONNECTS:
@@ -279,6 +279,14 @@ class PollWorker:
         if not self.closing:
             await self.connect(conn)
 
+    async def reopen(self, conn: Poll) -> None:
+        """A new connection for the next poll, after the server closed the last one."""
+        for attempt in range(5):
+            if self.closing or await self.connect(conn):
+                return
+            await asyncio.sleep(0.1 * (attempt + 1))
+        self.errors["lost"] += 1  # this poll is gone for the rest of the phase
+
     async def open(self, spec: OpenSpec) -> dict[str, Any]:
         self.dialect = DIALECTS[spec.dialect]
         self.host, self.port, self.hold = spec.host, spec.port, spec.hold
@@ -328,6 +336,7 @@ class PollWorker:
 
     def status(self) -> dict[str, Any]:
         return {
+            "polls": len(self.conns),
             "connected": self.connected,
             "waiting": self.waiting,
             "reached": self.reached,
@@ -705,7 +714,7 @@ class LoadClient:
         errors: Counter[str] = Counter()
         for r in replies:
             errors.update(r["errors"])
-        keys = ("connected", "waiting", "reached", "responses", "reopened")
+        keys = ("polls", "connected", "waiting", "reached", "responses", "reopened")
         total = {k: sum(r[k] for r in replies) for k in keys}
         return {**total, "errors": dict(errors), "cpu": [r["cpu"] for r in replies]}
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,8 @@ FULL = Settings(
     probe_rounds=3,
     probe_interval=0.005,
     round_timeout=60.0,
+    rehold_timeout=30.0,
+    phase_budget=90.0,
     hold_timeout=90.0,
     throughput_waiters=1_000,
     throughput_seconds=5.0,
@@ -54,6 +57,8 @@ QUICK = Settings(
     probe_rounds=2,
     probe_interval=0.005,
     round_timeout=20.0,
+    rehold_timeout=15.0,
+    phase_budget=20.0,
     hold_timeout=30.0,
     throughput_waiters=1_000,
     throughput_seconds=3.0,
@@ -116,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="the load client's loop"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--profile", type=Path, help="record each service instance with py-spy during fan-out"
+    )
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else FULL
@@ -123,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = _replace(settings, sizes=tuple(int(s) for s in args.sizes.split(",")))
     if args.rounds:
         settings = _replace(settings, rounds=args.rounds)
+    if args.profile:
+        settings = _replace(settings, profile=args.profile.resolve())
     targets = (
         args.targets.split(",")
         if args.targets
@@ -172,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-            for key in targets:
-                run_target(client, key, settings, scenarios, Path(tmp), emit)
+            for key, n, step in plan(client, targets, settings, scenarios, Path(tmp), emit):
+                run_step(client, key, n, step, settings, emit)
     finally:
         client.shutdown()
     records.append({"scenario": "elapsed", "seconds": time.monotonic() - started})
@@ -182,44 +192,48 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nresults: {jsonl}\ntable: {args.out / 'table.md'}\nchart: {args.out / 'fanout.png'}")
 
 
-def run_target(
+def plan(
     client: LoadClient,
-    key: str,
+    targets: list[str],
     settings: Settings,
     scenarios: set[str],
     work: Path,
     emit: Emit,
-) -> None:
-    """Every scenario against one target; a failure is recorded and the run goes on."""
-    thread_cap = f"a thread per poll: runs up to {settings.seed_max:,} polls"
-    steps: list[tuple[int, Callable[[], None]]] = []
+) -> list[tuple[str, int, Callable[[], None]]]:
+    """(target, polls, step) in the order they run: each size and scenario against every
+    target in turn, so a change in the machine's other load falls on every target alike."""
+    steps: list[tuple[str, int, Callable[[], None]]] = []
     if "fanout" in scenarios:
         for n in settings.sizes:
-            steps.append(
-                (n, partial(hold_and_fanout, client, key, n, settings, work / f"{key}-{n}", emit))
-            )
+            for key in targets:
+                step = partial(hold_and_fanout, client, key, n, settings, work / f"{key}-{n}", emit)
+                steps.append((key, n, step))
     if "throughput" in scenarios:
-        n = settings.throughput_waiters
-        steps.append((n, partial(throughput, client, key, settings, work / f"{key}-tp", emit)))
+        for key in targets:
+            step = partial(throughput, client, key, settings, work / f"{key}-tp", emit)
+            steps.append((key, settings.throughput_waiters, step))
     if "many" in scenarios:
-        n = settings.many_tasks * settings.many_waiters
-        steps.append((n, partial(many_tasks, client, key, settings, work / f"{key}-many", emit)))
-    for n, step in steps:
-        if key == "seed" and n > settings.seed_max:
-            emit({"scenario": "skipped", "target": key, "n": n, "why": thread_cap})
-            continue
-        try:
-            step()
-        except Exception as exc:
-            emit(
-                {
-                    "scenario": "failed",
-                    "target": key,
-                    "n": n,
-                    "error": f"{type(exc).__name__}: {exc}",
-                }
-            )
-            client.close()  # whatever the step left open
+        for key in targets:
+            step = partial(many_tasks, client, key, settings, work / f"{key}-many", emit)
+            steps.append((key, settings.many_tasks * settings.many_waiters, step))
+    return steps
+
+
+def run_step(
+    client: LoadClient, key: str, n: int, step: Callable[[], None], settings: Settings, emit: Emit
+) -> None:
+    """One scenario against one target; a failure is recorded and the run goes on."""
+    if key == "seed" and n > settings.seed_max:
+        why = f"a thread per poll: runs up to {settings.seed_max:,} polls"
+        emit({"scenario": "skipped", "target": key, "n": n, "why": why})
+        return
+    try:
+        step()
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        where = traceback.format_exc(limit=-3)
+        emit({"scenario": "failed", "target": key, "n": n, "error": error, "where": where})
+        client.close()  # whatever the step left open
 
 
 def _replace(settings: Settings, **changes: Any) -> Settings:

@@ -8,6 +8,10 @@ service instances, nginx master and workers, Nchan, Redis, the seed.
 from __future__ import annotations
 
 import bisect
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +35,9 @@ class Settings:
     rounds: int  # fan-out rounds timed without other writes (time-to-last, CPU)
     probe_rounds: int  # further rounds with a stream of other writes (write latency)
     probe_interval: float
-    round_timeout: float
+    round_timeout: float  # for one update to reach every poll
+    rehold_timeout: float  # for every poll to be held again (the seed reconnects for each)
+    phase_budget: float  # seconds of rounds after which probe rounds are skipped
     hold_timeout: float
     throughput_waiters: int
     throughput_seconds: float
@@ -41,6 +47,7 @@ class Settings:
     many_rate: float
     many_seconds: float
     seed_max: int  # the seed (a thread per poll) runs at most this many polls
+    profile: Path | None = None  # py-spy records every service instance's fan-out rounds here
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -155,11 +162,19 @@ def wait_held(
     """Wait until ``n`` polls are out (client side) and held (the target's own count)."""
     deadline = time.monotonic() + timeout
     ok, status = client.wait(lambda s: s["waiting"] >= n, timeout)
-    server = target.waiting()
+    server = server_waiting(target)
     while server < n and time.monotonic() < deadline:
         time.sleep(0.02)
-        server = target.waiting()
+        server = server_waiting(target)
     return ok and server >= n, status, server
+
+
+def server_waiting(target: Target) -> int:
+    """The target's own count of held polls; -1 when it cannot answer now (too busy)."""
+    try:
+        return target.waiting()
+    except OSError:
+        return -1
 
 
 def open_polls(
@@ -214,9 +229,17 @@ def hold_and_fanout(
                 "errors": status["errors"],
             }
         )
-        rounds = []
+        rounds: list[Record] = []
+        profilers = start_profiles(target, settings.profile, f"{key}-{n}")
+        started = time.monotonic()
         for r in range(settings.rounds + settings.probe_rounds):
-            rounds.append(fanout_round(client, target, writer, settings, r >= settings.rounds))
+            spent = time.monotonic() - started
+            probe = r >= settings.rounds
+            # a target that takes minutes per round gets its clean rounds, fewer probe rounds
+            if spent > settings.phase_budget * (1 if probe else 3) and (probe or r >= 3):
+                break
+            rounds.append(fanout_round(client, target, writer, settings, probe))
+        stop_profiles(profilers)
         mem2 = memory(pids)
         clean = [x for x in rounds if not x["probe"]]
         ttl = [x["time_to_last_ms"] for x in clean]
@@ -256,6 +279,33 @@ def hold_and_fanout(
         writer.close()
 
 
+def start_profiles(target: Target, where: Path | None, name: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy on every service instance (collapsed stacks, ``<name>-<instance>.txt``)."""
+    if where is None:
+        return []
+    where.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = []
+    for role, pids in target.pids().items():
+        if role.startswith("instance"):
+            argv = [spy, "record", "--pid", str(pids[0]), "--rate", "250", "--nonblocking",
+                    "--format", "raw", "--output", str(where / f"{name}-{role}.txt")]  # fmt: skip
+            out.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(0.5)  # attached
+    return out
+
+
+def stop_profiles(profilers: list[subprocess.Popen[bytes]]) -> None:
+    for spy in profilers:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for spy in profilers:
+        try:
+            spy.wait(20)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+
+
 def per_waiter_kib(
     before: dict[str, dict[str, int]],
     after: dict[str, dict[str, int]],
@@ -276,9 +326,8 @@ def fanout_round(
     client: LoadClient, target: Target, writer: Writer, settings: Settings, probe: bool
 ) -> Record:
     """One update to all held polls; with ``probe``, a stream of other writes meanwhile."""
-    status = client.status()
-    expected = status["connected"]
-    wait_held(client, target, expected, settings.round_timeout)
+    expected = client.status()["polls"]
+    wait_held(client, target, expected, settings.rehold_timeout)
     time.sleep(0.2)  # let the last re-polls settle in the server
     version = writer.version + 1
     client.expect(0, version)
@@ -298,10 +347,10 @@ def fanout_round(
         time.sleep(0.1)  # its connections are open and it is writing
     cpu0, ccpu0, all0 = cpu_seconds(pids), client.status()["cpu"], busy_seconds()
     produced, t0, t_ack = writer.write()
-    reached_all, status = client.wait(lambda s: s["reached"] >= expected, settings.round_timeout)
+    reached_all, _ = client.wait(lambda s: s["reached"] >= expected, settings.round_timeout)
     t_reached = time.monotonic()
     # the cost of a notification includes the re-poll it causes: count CPU until all are held again
-    rehold, _, _ = wait_held(client, target, expected, settings.round_timeout)
+    rehold, _, _ = wait_held(client, target, expected, settings.rehold_timeout)
     t_reheld = time.monotonic()
     cpu1, ccpu1, all1 = cpu_seconds(pids), client.status()["cpu"], busy_seconds()
     probes: list[tuple[float, float]] = []
