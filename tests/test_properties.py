@@ -20,7 +20,7 @@ from typing import Any
 
 import jsonschema_rs
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deploy.cluster import Instance, RedisServer
@@ -43,6 +43,9 @@ from service.model import (
 from service.openapi import TASK_ID, WATCH_SINCE, build_openapi, digits_at_most
 
 ALNUM = string.ascii_letters + string.digits
+# No per-example deadline and no "slow data" health check: on a loaded machine (CI, many test
+# processes) a slow example is not a failure; every property still runs its full count.
+BASE = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NOW = "2030-01-02T03:04:05.678Z"
 DOCUMENT = build_openapi(Config(instance_id="properties"))
 # Characters that look like the allowed ones, or that parsers have been known to let through.
@@ -57,6 +60,11 @@ def documented(schema: dict[str, Any]) -> jsonschema_rs.Validator:
         **schema,
     }
     return jsonschema_rs.validator_for(rooted, validate_formats=True)
+
+
+TASK_ID_SCHEMA = documented({"type": "string", "pattern": TASK_ID})
+SINCE_SCHEMA = documented({"type": "string", "pattern": WATCH_SINCE})
+STATE_SCHEMA = documented({"$ref": "#/components/schemas/TaskState"})
 
 
 def refused(call: Any, *args: Any) -> ApiError:
@@ -79,10 +87,10 @@ def is_task_id(text: str) -> bool:
     return 1 <= len(text) <= 64 and text[0] in ALNUM and all(c in ALNUM + "_.-" for c in text)
 
 
-@settings(max_examples=300)
+@settings(BASE, max_examples=300)
 @given(st.one_of(task_ids, near_ids, st.text(max_size=70)))
 def test_validate_task_id_accepts_exactly_the_task_id_language(text: str) -> None:
-    assert documented({"type": "string", "pattern": TASK_ID}).is_valid(text) == is_task_id(text)
+    assert TASK_ID_SCHEMA.is_valid(text) == is_task_id(text)
     if is_task_id(text):
         assert validate_task_id(text) == text
     else:
@@ -111,6 +119,7 @@ counter_texts = st.one_of(
 )
 
 
+@settings(BASE)
 @given(st.integers(min_value=0, max_value=MAX_COUNTER), st.integers(min_value=0, max_value=15))
 def test_parse_counter_round_trips_every_valid_integer(value: int, zeros: int) -> None:
     raw = "0" * zeros + str(value)
@@ -118,6 +127,7 @@ def test_parse_counter_round_trips_every_valid_integer(value: int, zeros: int) -
         assert parse_counter("since", raw) == value
 
 
+@settings(BASE)
 @given(counter_texts)
 def test_parse_counter_accepts_plain_decimals_up_to_the_cap_and_refuses_the_rest(
     text: str,
@@ -130,6 +140,7 @@ def test_parse_counter_accepts_plain_decimals_up_to_the_cap_and_refuses_the_rest
         assert "since" in error.message
 
 
+@settings(BASE)
 @given(
     st.integers(min_value=0, max_value=10**20),
     st.text(alphabet=string.digits, min_size=1, max_size=22),
@@ -156,16 +167,17 @@ cursor_texts = st.one_of(
 )
 
 
+@settings(BASE)
 @given(epochs, st.integers(min_value=0, max_value=MAX_COUNTER))
 def test_a_cursor_round_trips_through_its_string(epoch: str, seq: int) -> None:
     cursor = Cursor(epoch, seq)
     assert parse_cursor(str(cursor)) == cursor
 
 
-@settings(max_examples=300)
+@settings(BASE, max_examples=300)
 @given(cursor_texts)
 def test_parse_cursor_accepts_exactly_the_documented_since(text: str) -> None:
-    accepted = documented({"type": "string", "pattern": WATCH_SINCE}).is_valid(text)
+    accepted = SINCE_SCHEMA.is_valid(text)
     if not accepted:
         assert refused(parse_cursor, text).code in ("invalid_cursor", "invalid_parameter")
         return
@@ -264,7 +276,7 @@ def parses_as_documented(data: Any) -> None:
     assert update.expected_version == data.get("expected_version")
 
 
-@settings(max_examples=300)
+@settings(BASE, max_examples=300)
 @given(bodies)
 def test_parse_update_accepts_exactly_the_documented_bodies_and_keeps_their_values(
     data: Any,
@@ -294,7 +306,7 @@ FIELD_EDGES: dict[str, st.SearchStrategy[Any]] = {
 
 
 @pytest.mark.parametrize("name", sorted(FIELD_EDGES))
-@settings(max_examples=400)
+@settings(BASE, max_examples=400)
 @given(data=st.data())
 def test_each_field_alone_is_accepted_exactly_within_its_documented_limits(
     name: str, data: st.DataObject
@@ -304,6 +316,7 @@ def test_each_field_alone_is_accepted_exactly_within_its_documented_limits(
     parses_as_documented(body)
 
 
+@settings(BASE)
 @given(st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
 def test_parse_update_on_any_bytes_gives_an_update_or_a_400(raw: bytes) -> None:
     try:
@@ -334,6 +347,7 @@ updates = st.builds(
 )
 
 
+@settings(BASE)
 @given(states, updates)
 def test_apply_bumps_the_version_by_exactly_one_and_keeps_unset_fields(
     current: TaskState, update: TaskUpdate
@@ -346,12 +360,13 @@ def test_apply_bumps_the_version_by_exactly_one_and_keeps_unset_fields(
         assert getattr(new, name) == (getattr(current, name) if sent is UNSET else sent)
 
 
+@settings(BASE)
 @given(states)
 def test_a_state_round_trips_through_its_dict_which_the_document_describes(
     state: TaskState,
 ) -> None:
     assert TaskState.from_dict(state.to_dict()) == state
-    assert documented({"$ref": "#/components/schemas/TaskState"}).is_valid(state.to_dict())
+    assert STATE_SCHEMA.is_valid(state.to_dict())
 
 
 # --- through HTTP -----------------------------------------------------------------------------
@@ -406,7 +421,7 @@ raw_bodies = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(BASE, max_examples=40)
 @given(
     body=raw_bodies,
     task=st.sampled_from(["prop", "prop-new"]) | task_ids,
@@ -436,7 +451,7 @@ def query(value: str) -> str:
 percent_bytes = st.binary(max_size=8).map(lambda raw: urllib.parse.quote_from_bytes(raw, safe=""))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(BASE, max_examples=40)
 @given(since=counter_texts | cursor_texts, raw=percent_bytes)
 def test_any_version_or_cursor_in_a_query_is_parsed_as_documented(
     live: Http, since: str, raw: str
@@ -444,14 +459,14 @@ def test_any_version_or_cursor_in_a_query_is_parsed_as_documented(
     status, _ = live.request("GET", f"/api/tasks/prop/poll?since={query(since)}&timeout=0")
     assert status in ((200, 204) if is_counter(since) else (400,))
     status, _ = live.request("GET", f"/api/watch?since={query(since)}&timeout=0")
-    cursor_ok = documented({"type": "string", "pattern": WATCH_SINCE}).is_valid(since)
+    cursor_ok = SINCE_SCHEMA.is_valid(since)
     assert status in ((200, 204) if cursor_ok else (400,))
     for path in (f"/api/tasks/prop/poll?since={raw}&timeout=0", f"/api/watch?since={raw}"):
         status, _ = live.request("GET", path)
         assert status in (200, 204, 400)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(BASE, max_examples=40)
 @given(ids=st.lists(task_ids | near_ids, min_size=1, max_size=5))
 def test_any_task_id_in_a_path_or_a_watch_is_parsed_as_documented(
     live: Http, ids: list[str]
