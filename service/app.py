@@ -25,7 +25,9 @@ from .middleware import add_security_headers, add_standard_headers, errors_middl
 from .openapi import setup_openapi_routes
 from .ratelimit import setup_rate_limit
 from .runtime import install_event_loop, tune_gc
+from .sse import setup_sse_routes
 from .views import setup_page_routes
+from .ws import setup_ws_routes
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def create_app(config: Config) -> web.Application:
         app, loader=jinja2.FileSystemLoader(WEB_DIR / "templates"), autoescape=True
     )
     setup_api_routes(app)
+    setup_sse_routes(app)
+    setup_ws_routes(app)
     setup_health_routes(app)
     setup_openapi_routes(app)
     setup_page_routes(app)

@@ -48,6 +48,10 @@ MIN_RSA_BITS = 2048
 _DEFAULT_TASK_ROUTES = frozenset({"/api/status", "/api/poll-status", "/api/update-status"})
 # API documents that describe the service and hold no task data.
 _PUBLIC_API_ROUTES = frozenset({"/api/openapi.json"})
+# Routes that follow the tasks named in `tasks=` (all of them without it): a watch, a board stream.
+_WATCH_ROUTES = frozenset({"/api/watch", "/api/events"})
+# The WebSocket: its subscriptions name their tasks, and ws.py checks each one with check_grant.
+_SUBSCRIPTION_ROUTES = frozenset({"/api/ws"})
 # A task restriction entry: a task id, or the start of one followed by "*".
 _TASK_PATTERN_RE = re.compile(rf"{TASK_ID_PATTERN}|([A-Za-z0-9][A-Za-z0-9_.-]{{0,63}})?\*")
 
@@ -272,8 +276,10 @@ def required_access(request: web.Request) -> Access | None:
     if path in _DEFAULT_TASK_ROUTES:
         return Access(scope, frozenset({DEFAULT_TASK}))
     watched = request.query.getall("tasks", [])
-    if path == "/api/watch" and watched:
+    if path in _WATCH_ROUTES and watched:
         return Access(scope, frozenset(t for value in watched for t in value.split(",")))
+    if path in _SUBSCRIPTION_ROUTES:
+        return Access(scope, frozenset())  # no task yet: each subscription is checked
     return Access(scope, None)  # a listing, or a watch of every task
 
 

@@ -28,6 +28,9 @@ class Config:
     port: int = 8080
     poll_timeout: int = 30  # seconds a poll is held when the client names no timeout
     poll_timeout_max: int = 55  # cap on any hold; keep it below the proxy's read timeout
+    # Seconds between SSE heartbeat comments and WebSocket pings; keep it below the proxy's read
+    # timeout, or it closes quiet streams.
+    stream_heartbeat: float = 15.0
     statuses: tuple[str, ...] = DEFAULT_STATUSES
     log_level: str = "INFO"
     instance_id: str = ""
@@ -63,6 +66,8 @@ class Config:
         # At least a second: a zero hold turns every client's "poll again at once" into a busy loop.
         if not 1 <= self.poll_timeout <= self.poll_timeout_max:
             raise ValueError("POLL_TIMEOUT must be between 1 and POLL_TIMEOUT_MAX")
+        if not 0 < self.stream_heartbeat <= 60:
+            raise ValueError("STREAM_HEARTBEAT must be more than 0 and at most 60 seconds")
         if self.max_held_polls < 1 or self.max_tasks < 1:
             raise ValueError("MAX_HELD_POLLS and MAX_TASKS must be at least 1")
         if not 0 <= self.history_length <= MAX_HISTORY_LENGTH:
@@ -134,6 +139,12 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         "--poll-timeout-max",
         type=int,
         default=env.get("POLL_TIMEOUT_MAX", str(d.poll_timeout_max)),
+    )
+    parser.add_argument(
+        "--stream-heartbeat",
+        type=float,
+        default=env.get("STREAM_HEARTBEAT", str(d.stream_heartbeat)),
+        help="seconds between SSE heartbeats and WebSocket pings",
     )
     parser.add_argument(
         "--statuses",

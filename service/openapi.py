@@ -218,6 +218,87 @@ def _watch() -> Schema:
     )
 
 
+def _event_streams() -> Schema:
+    """Server-Sent Events (sse.py): a task's states, or a board's changes, resumable."""
+    last_event_id = _parameter(
+        "Last-Event-ID",
+        "header",
+        {"type": "string"},
+        "the id of the last event the client has (sent by EventSource when it reconnects): the "
+        "stream resumes after it; over `since`",
+    )
+    stream = _response(
+        "The stream: `id:` (version or cursor) and `data:` (JSON) per event, a comment line as "
+        "heartbeat",
+        {"type": "string"},
+        media_type="text/event-stream",
+    )
+    errors = {"400": BAD_REQUEST, "503": UNAVAILABLE}
+    since = _parameter(
+        "since",
+        "query",
+        {"type": "integer", "minimum": 0, "maximum": MAX_COUNTER},
+        "the version the client has: the first event is the state only if it is another one",
+    )
+    cursor = _parameter(
+        "since",
+        "query",
+        {"type": "string", "pattern": WATCH_SINCE},
+        "a cursor the client has: the first event is what changed after it; none: a snapshot",
+    )
+    tasks = _parameter(
+        "tasks",
+        "query",
+        {"type": "string", "pattern": WATCH_TASKS},
+        f"comma-separated task ids, at most {MAX_WATCH_TASKS}",
+    )
+    return {
+        "/api/tasks/{task_id}/events": {
+            "get": _read(
+                "taskEvents",
+                "Server-Sent Events: the task's state, then every change of it",
+                [TASK_ID_PARAMETER, since, last_event_id],
+                {"200": stream, **errors, "404": NO_ROUTE},
+            )
+        },
+        "/api/events": {
+            "get": _read(
+                "boardEvents",
+                "Server-Sent Events: a snapshot (or what changed after a cursor), then every "
+                "change of every task (or those in `tasks`)",
+                [cursor, tasks, last_event_id],
+                {"200": stream, **errors},
+            )
+        },
+    }
+
+
+def _websocket() -> Schema:
+    """The WebSocket handshake (RFC 6455); the messages are in ws.py and the README."""
+    handshake = [
+        _parameter("Upgrade", "header", {"const": "websocket"}, "the protocol", required=True),
+        _parameter("Connection", "header", {"const": "Upgrade"}, "an upgrade", required=True),
+        _parameter(
+            "Sec-WebSocket-Key",
+            "header",
+            {"type": "string", "pattern": "^[A-Za-z0-9+/]{21}[AQgw]==$"},
+            "16 random bytes in base64",
+            required=True,
+        ),
+        _parameter("Sec-WebSocket-Version", "header", {"const": "13"}, "RFC 6455", required=True),
+    ]
+    return _read(
+        "websocket",
+        "WebSocket: subscribe to tasks and boards with JSON messages (see the README)",
+        handshake,
+        {
+            "101": _response("Switched to WebSocket"),
+            "400": _error("Not a WebSocket handshake"),
+            "503": UNAVAILABLE,
+        },
+    )
+
+
 def _with_head(get: Schema) -> Schema:
     """A GET and its HEAD twin: the same answers, headers only."""
     head = {
@@ -322,6 +403,8 @@ def _paths() -> Schema:
             )
         },
         "/api/watch": {"get": _watch()},
+        **_event_streams(),
+        "/api/ws": {"get": _websocket()},
         OPENAPI_PATH: {
             "get": {
                 "operationId": "getOpenApi",

@@ -247,6 +247,13 @@ async def test_answers_of_every_default_operation_conform(sampler_factory: Sampl
     await s.send("GET", "/api/watch", f"/api/watch?since={snapshot['cursor']}&timeout=0", 204)
     await s.send("GET", "/api/watch", "/api/watch?since=0&tasks=a,b&timeout=0", 200)
     await s.send("GET", "/api/watch", "/api/watch?since=nope", 400)
+    # Event streams never end, so only their refusals are read to the end here (test_sse.py
+    # reads the streams); a plain GET of the WebSocket is refused before any upgrade.
+    events = "/api/tasks/{task_id}/events"
+    await s.send("GET", events, "/api/tasks/-a/events", 400)
+    await s.send("GET", events, "/api/tasks//events", 404)
+    await s.send("GET", "/api/events", "/api/events?since=nope", 400)
+    await s.send("GET", "/api/ws", "/api/ws", 400)
     await s.send("GET", OPENAPI_PATH, OPENAPI_PATH, 200)
     for method in ("GET", "HEAD"):
         await s.send(method, "/healthz", "/healthz", 200)
