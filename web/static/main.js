@@ -2,7 +2,8 @@
 // tab, and turns the user's actions (status selector, create form) into PUTs.
 import { TokenPanel, authHeaders, isRefusal, refusalText, takeTokenFromAddress } from "./auth.js";
 import { Board } from "./board.js";
-import { LongPoll } from "./watch.js";
+import { HistoryList } from "./history.js";
+import { SharedPoll } from "./leader.js";
 
 // Before any request: a token in the address is taken into this tab and out of the address.
 takeTokenFromAddress();
@@ -43,6 +44,17 @@ const board = new Board({
   linkTasks: config.page === "board",
   onStatusChange: changeStatus,
 });
+
+// The task page lists the task's last changes, read again whenever the task changes.
+const taskHistory =
+  config.page === "task"
+    ? new HistoryList({
+        taskId: config.taskId,
+        list: document.getElementById("history"),
+        note: document.getElementById("history-note"),
+        headers: authHeaders,
+      })
+    : null;
 
 // --- writes -----------------------------------------------------------------------------------
 
@@ -185,11 +197,18 @@ function taskSource(id) {
       // Taken as is, even if older: the version moves back only when the store was reset.
       version = state.version;
       board.replaceAll([state]);
+      taskHistory?.refresh();
     },
   };
 }
 
-const poll = new LongPoll({
+// Tabs of this browser that show the same thing share one request: one tab polls, the others
+// follow it (leader.js).
+const poll = new SharedPoll({
+  group: config.page === "task" ? `task:${config.taskId}` : "board",
+  onRole(role) {
+    connection.dataset.poll = role;
+  },
   source: config.page === "task" ? taskSource(config.taskId) : boardSource(),
   holdSeconds: config.holdSeconds,
   onState: showConnection,
