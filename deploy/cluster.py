@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -67,6 +67,36 @@ def port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((HOST, port)) == 0
+
+
+TCP_ESTABLISHED, TCP_SYN_SENT = "01", "02"  # states in /proc/net/tcp
+
+
+def tcp_sockets() -> dict[int, tuple[int, int, str]]:
+    """IPv4 TCP sockets of this machine: inode -> (local port, remote port, state)."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], int(fields[9])
+            found[inode] = (
+                int(local.rsplit(":", 1)[1], 16),
+                int(remote.rsplit(":", 1)[1], 16),
+                state,
+            )
+    return found
+
+
+def socket_inodes(pid: int) -> list[int]:
+    """The inodes of the sockets process ``pid`` has open (none if it is gone)."""
+    inodes = []
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.append(int(target[8:-1]))
+    return inodes
 
 
 @dataclass
@@ -256,6 +286,67 @@ class Nginx(Managed):
 
         wait_until(up, f"nginx on port {self.port}")
 
+    def workers(self) -> dict[int, str]:
+        """This nginx's worker processes: pid -> title ("nginx: worker process", or "... is
+        shutting down" for one that, after a reload, only finishes the requests it has)."""
+        if not self.running:
+            return {}
+        assert self.process is not None
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == self.process.pid:
+                    title = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                    found[int(entry.name)] = title.decode(errors="replace").strip()
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile, or not ours to read
+        return found
+
+    def reload(self, timeout: float = 15.0) -> None:
+        """Re-read the config (SIGHUP, as `nginx -s reload`) and return once it is in force.
+
+        The master starts new workers and tells the old ones to stop taking requests: they close
+        their listening sockets and idle connections and finish the requests they have (a held
+        poll keeps its old worker until it is answered). But a connection an old worker accepted
+        before the reload and whose request had not arrived yet is not idle: its request still
+        arrives there and is routed by the OLD upstream list. So in force means: new workers are
+        up, every old one is shutting down, and no old one holds a client connection that it has
+        not passed on to an instance (client_header_timeout bounds the wait).
+        """
+        old = {pid for pid, title in self.workers().items() if not title.endswith("shutting down")}
+        self.send(signal.SIGHUP)
+
+        def in_force() -> bool:
+            if not self.running:
+                raise RuntimeError(f"nginx exited on reload:\n{self.log_text()[-3000:]}")
+            now = self.workers()
+            fresh = [p for p, title in now.items() if p not in old and "worker process" in title]
+            serving_old = [p for p in old if p in now and not now[p].endswith("shutting down")]
+            draining = [p for p, title in now.items() if title.endswith("shutting down")]
+            return bool(fresh) and not serving_old and self.unrouted(draining) == 0
+
+        wait_until(in_force, "nginx to reload", timeout)
+
+    def unrouted(self, pids: Iterable[int]) -> int:
+        """Client connections of these workers beyond their connections to instances: requests
+        they may still route (or answers they are finishing). A worker's sockets are its client
+        connections (on our port), its connections to instances, and its listening sockets."""
+        table = tcp_sockets()
+        total = 0
+        for pid in pids:
+            clients = upstreams = 0
+            for inode in socket_inodes(pid):
+                local, _, state = table.get(inode, (0, 0, ""))
+                if state == TCP_ESTABLISHED and local == self.port:
+                    clients += 1
+                elif state in (TCP_ESTABLISHED, TCP_SYN_SENT):
+                    upstreams += 1
+            total += max(0, clients - upstreams)
+        return total
+
 
 @dataclass
 class Cluster:
@@ -266,6 +357,24 @@ class Cluster:
     @property
     def url(self) -> str:
         return self.nginx.url
+
+    def take_out(self, app: Instance) -> None:
+        """Drain ``app`` at nginx before stopping it (rolling restart): nginx sends it nothing new.
+
+        Stopping an instance that nginx still routes to fails writes: nginx never retries one
+        (it may have been applied), so a write sent to the stopping instance's closed port
+        (connect refused) or on a keep-alive connection it closes as it stops (reset) gets 502.
+        Reads are retried on another instance, but each failure marks the instance down for
+        fail_timeout, and restarting all three within it leaves nginx with "no live upstreams".
+        """
+        self.nginx.write_upstreams([a.port for a in self.instances if a is not app])
+        self.nginx.reload()
+
+    def put_back(self, app: Instance) -> None:
+        """Route to every instance again (after ``app`` restarted and is ready)."""
+        assert app in self.instances
+        self.nginx.write_upstreams([a.port for a in self.instances])
+        self.nginx.reload()
 
     def stop(self) -> None:
         for child in [self.nginx, *self.instances, self.redis]:

@@ -1,0 +1,494 @@
+"""Faults under load, with nothing lost: each test runs its own cluster, loads it through nginx,
+breaks one part, and then checks the history of what every client was told (tests/history.py).
+
+The cluster: redis-server with AOF and ``appendfsync always`` (a write is on disk before Redis
+answers it), three instances and nginx with the repo's config. Clients loop like the page: a 200
+moves the version on and polls again at once; a 204 polls again, after a random part of its
+Retry-After if it has one; a failed request or a 5xx backs off briefly (full jitter, at most 1 s)
+and polls again through nginx. Writers put at a steady pace, round-robin over the tasks, and never
+retry: an attempt without a 200 is recorded as unacknowledged (it may or may not have applied).
+
+Loads are sized for a 2-core machine shared with other work: polls are spread over many tasks,
+so a write wakes ten or twenty of them, not all (1,000 polls on one task would turn every write
+into 1,000 answers and 1,000 new polls). Every load loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from deploy.cluster import Cluster, Instance, running_cluster
+
+from .history import Failure, History, Seen, Write
+
+HOLD = 10  # seconds a poll asks to be held
+MAX_HOLD = 30  # seconds a quiet poll (on a task nobody writes) asks to be held
+LOAD_DEADLINE = 60.0  # seconds after which every client loop ends, whatever happens
+BACKOFF_BASE, BACKOFF_CAP = 0.05, 1.0  # seconds, full jitter
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster of this test's own: Redis durable on every write (appendfsync always)."""
+    with running_cluster(tmp_path, durable_redis=True) as running:
+        yield running
+
+
+@pytest.fixture
+async def probe() -> AsyncIterator[aiohttp.ClientSession]:
+    """For the test's own questions (health, final states): one connection per request."""
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        yield session
+
+
+def task_ids(count: int) -> list[str]:
+    return [f"t{n:03d}" for n in range(count)]
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float) -> None:
+    """Probe ``condition`` until it holds; fail after ``timeout`` seconds (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        holds = condition()
+        if holds if isinstance(holds, bool) else await holds:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def until_held(probe: aiohttp.ClientSession, instances: list[Instance], count: int) -> None:
+    async def enough() -> bool:
+        return await held_polls(probe, instances) >= count
+
+    await until(enough, f"{count} polls held on {[app.name for app in instances]}", 20)
+
+
+async def until_ready(probe: aiohttp.ClientSession, instances: list[Instance]) -> None:
+    for app in instances:
+
+        async def up(app: Instance = app) -> bool:
+            return await ready(probe, app)
+
+        await until(up, f"{app.name} ready", 15)
+
+
+async def held_polls(probe: aiohttp.ClientSession, instances: Iterable[Instance]) -> int:
+    """Polls and watches held by the running ``instances`` now, as their /healthz tells."""
+    total = 0
+    for app in instances:
+        if app.running:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with probe.get(f"{app.url}/healthz") as response:
+                    waiting = (await response.json())["waiting"]
+                    total += waiting["polls"] + waiting["watches"]
+    return total
+
+
+async def ready(probe: aiohttp.ClientSession, app: Instance) -> bool:
+    try:
+        async with probe.get(f"{app.url}/readyz") as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One answer to a watcher's request (a 204 with Retry-After: a draining instance)."""
+
+    status: int
+    served_by: str
+    at: float
+    retry_after: str
+
+
+@dataclass
+class Load:
+    """Clients through nginx, all recording into one history; every loop bounded."""
+
+    base: str
+    session: aiohttp.ClientSession
+    history: History = field(default_factory=History)
+    replies: list[Reply] = field(default_factory=list)
+    clients: list[asyncio.Task[None]] = field(default_factory=list)
+    ends: float = field(default_factory=lambda: time.monotonic() + LOAD_DEADLINE)
+
+    # --- watchers -------------------------------------------------------------------------------
+
+    def poll_tasks(self, tasks: Iterable[str], per_task: int, hold: int = HOLD) -> None:
+        for task in tasks:
+            for n in range(per_task):
+                client = f"poll-{task}-{n}"
+                self.history.follow(client, {task: 0})
+                self.clients.append(asyncio.create_task(self._poll_loop(client, task, hold)))
+
+    def watch(self, client: str, tasks: list[str], only: bool) -> None:
+        """A watch over ``tasks``: with ``only``, limited to them (tasks=); else unfiltered."""
+        self.history.follow(client, dict.fromkeys(tasks, 0))
+        query = f"&tasks={','.join(tasks)}" if only else ""
+        self.clients.append(asyncio.create_task(self._watch_loop(client, query)))
+
+    async def _poll_loop(self, client: str, task: str, hold: int) -> None:
+        version = 0
+        async for answer in self._requests(client):
+            url = f"{self.base}/api/tasks/{task}/poll?since={version}&timeout={hold}"
+            if (state := await answer(url)) is not None:
+                version = state["version"]
+                self._observe(client, state, answer)
+
+    async def _watch_loop(self, client: str, query: str) -> None:
+        cursor = ""
+        async for answer in self._requests(client):
+            since = f"&since={cursor}" if cursor else ""
+            body = await answer(f"{self.base}/api/watch?timeout={HOLD}{since}{query}")
+            if body is not None:
+                cursor = body["cursor"]
+                for state in body["tasks"]:
+                    self._observe(client, state, answer, snapshot=body["reset"])
+
+    def _observe(self, client: str, state: dict[str, Any], answer: Answer, **kw: bool) -> None:
+        seen = Seen(
+            client,
+            state["task"],
+            state["version"],
+            state["message"],
+            answer.asked,
+            answer.at,
+            answer.served_by,
+            **kw,
+        )
+        self.history.observe(seen)
+
+    async def _requests(self, client: str) -> AsyncIterator[Answer]:
+        """One Answer per request, pausing between them as the page does; bounded."""
+        attempt = 0
+        for _ in range(10_000):
+            if time.monotonic() > self.ends:
+                return
+            answer = Answer(self, client)
+            yield answer
+            if answer.failed:
+                attempt += 1
+                await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
+                continue
+            attempt = 0
+            if answer.retry_after:  # a draining instance: come back after a random part of it
+                await asyncio.sleep(random.uniform(0, min(float(answer.retry_after), 30)))
+
+    # --- writers --------------------------------------------------------------------------------
+
+    async def write(self, task: str, message: str) -> Write:
+        body = {"status": "in_progress", "progress": len(message) % 101, "message": message}
+        started, version, outcome = time.monotonic(), None, ""
+        try:
+            timeout = aiohttp.ClientTimeout(total=10)
+            url = f"{self.base}/api/tasks/{task}"
+            async with self.session.put(url, json=body, timeout=timeout) as response:
+                outcome = str(response.status)
+                served_by = response.headers.get("X-Served-By", "nginx")
+                if response.status == 200:
+                    version = (await response.json())["version"]
+                else:
+                    await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            outcome, served_by = type(exc).__name__, ""
+        write = Write(task, message, started, time.monotonic(), version, outcome)
+        self.history.write(write)
+        if version is None:
+            self.history.fail(Failure(f"writer-{task}", outcome, write.ended, served_by))
+        return write
+
+    async def write_steadily(
+        self, tasks: list[str], rate: float, limit: int, stop: asyncio.Event | None = None
+    ) -> None:
+        """``limit`` writes at ``rate`` per second, round-robin over ``tasks``, until ``stop``."""
+        started = time.monotonic()
+        pending: set[asyncio.Task[Write]] = set()
+        for n in range(limit):
+            if (stop is not None and stop.is_set()) or time.monotonic() > self.ends:
+                break
+            await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))
+            write = asyncio.create_task(self.write(tasks[n % len(tasks)], f"w{n}"))
+            pending.add(write)
+            write.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.wait(pending)
+
+    # --- the end --------------------------------------------------------------------------------
+
+    async def converge(self, probe: aiohttp.ClientSession, tasks: list[str]) -> dict[str, Any]:
+        """Once writing is over: the store's final states, after every watcher has reached them."""
+        final = {}
+        for task in tasks:
+            async with probe.get(f"{self.base}/api/tasks/{task}") as response:
+                assert response.status == 200, await response.text()
+                final[task] = await response.json()
+        versions = {task: state["version"] for task, state in final.items()}
+
+        try:
+            await until(
+                lambda: not self.history.lagging(versions), "every watcher current", HOLD * 2
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.history.lagging(versions)[:10]}") from None
+        await self.stop()
+        return final
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            client.cancel()
+        results = await asyncio.gather(*self.clients, return_exceptions=True)
+        crashed = [r for r in results if not isinstance(r, asyncio.CancelledError | None)]
+        assert not crashed, f"client loops crashed: {crashed[:3]}"
+
+
+class Answer:
+    """One request of a watcher's loop: call it with the URL; the JSON body of a 200, else None."""
+
+    def __init__(self, load: Load, client: str) -> None:
+        self.load, self.client = load, client
+        self.asked = self.at = 0.0
+        self.served_by = self.retry_after = ""
+        self.failed = False
+
+    async def __call__(self, url: str) -> Any:
+        self.asked = time.monotonic()
+        try:
+            timeout = aiohttp.ClientTimeout(total=MAX_HOLD + 10)
+            async with self.load.session.get(url, timeout=timeout) as response:
+                self.served_by = response.headers.get("X-Served-By", "nginx")
+                body = await response.json() if response.status == 200 else await response.read()
+                status = response.status
+                self.retry_after = response.headers.get("Retry-After", "")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.at, self.failed = time.monotonic(), True
+            self.load.history.fail(Failure(self.client, type(exc).__name__, self.at))
+            return None
+        self.at = time.monotonic()
+        self.load.replies.append(Reply(status, self.served_by, self.at, self.retry_after))
+        if status == 200:
+            return body
+        if status == 204:
+            return None
+        self.failed, self.retry_after = True, ""
+        self.load.history.fail(Failure(self.client, str(status), self.at, self.served_by))
+        return None
+
+
+@contextlib.asynccontextmanager
+async def load_on(cluster: Cluster) -> AsyncIterator[Load]:
+    """A Load through nginx on one keep-alive session (as a browser keeps its connections)."""
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        load = Load(cluster.url, session)
+        try:
+            yield load
+        finally:
+            await load.stop()
+
+
+def nginx_upstream_errors(cluster: Cluster) -> list[str]:
+    """nginx's log lines about an instance failing a request (refused, reset, cut short)."""
+    return [line for line in cluster.nginx.log_text().splitlines() if "upstream" in line]
+
+
+# --- an instance SIGKILLed ------------------------------------------------------------------
+
+
+async def test_instance_killed_under_1000_held_polls_and_50_writes_a_second_clients_converge(
+    cluster: Cluster, probe: aiohttp.ClientSession
+) -> None:
+    tasks, doomed = task_ids(100), cluster.instances[0]
+    async with load_on(cluster) as load:
+        load.poll_tasks(tasks, per_task=10)
+        await until_held(probe, cluster.instances, 1000)
+        writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=400))
+        await until(lambda: len(load.history.acknowledged) >= 100, "100 writes", 10)
+        held_there = await held_polls(probe, [doomed])
+        killed_at = time.monotonic()
+        await asyncio.to_thread(doomed.kill)
+        await writing
+        final = await load.converge(probe, tasks)
+
+    history = load.history
+    history.check(final)
+    assert held_there >= 200, f"only {held_there} of 1,000 polls were on the killed instance"
+    after = {seen.served_by for seen in history.seen if seen.asked > killed_at}
+    assert after == {app.instance_id for app in cluster.instances[1:]}
+    # nginx retries a poll whose instance died on another one: no watcher saw a failure.
+    assert [f for f in history.failures if f.client.startswith("poll")] == []
+    # A write is never retried by nginx: those sent to the dead instance got 502, unacknowledged.
+    assert {w.outcome for w in history.unacknowledged} <= {"502"}
+    assert len(history.acknowledged) >= 350
+
+
+def _written(history: History, count: int) -> bool:
+    return len(history.writes) >= count
+
+
+# --- rolling restart --------------------------------------------------------------------------
+
+
+async def test_rolling_restart_answers_held_polls_at_once_and_no_client_sees_an_error(
+    cluster: Cluster, probe: aiohttp.ClientSession
+) -> None:
+    tasks, quiet, drains = task_ids(45), [f"quiet{n}" for n in range(15)], []
+    async with load_on(cluster) as load:
+        load.poll_tasks(tasks, per_task=10)
+        # Polls held 30 s on tasks nobody writes: each instance still holds its share of them
+        # when it stops, however long nginx takes to stop sending it new requests.
+        load.poll_tasks(quiet, per_task=10, hold=MAX_HOLD)
+        await until_held(probe, cluster.instances, 600)
+        writes_done = asyncio.Event()
+        writing = asyncio.create_task(load.write_steadily(tasks, 50, 3000, writes_done))
+        for app in cluster.instances:
+            # Drain-safe: nginx stops routing to the instance first (cluster.take_out), so no
+            # write can reach it while it stops; its held polls stay until it answers them.
+            await asyncio.to_thread(cluster.take_out, app)
+            sent = time.monotonic()
+            code = await asyncio.to_thread(app.stop, signal.SIGTERM)
+            stopped = time.monotonic()
+            drains.append(Drain(app, sent, stopped, code))
+            await asyncio.to_thread(app.start)  # same port; returns once /readyz answers 200
+            await asyncio.to_thread(cluster.put_back, app)
+            await until_held(probe, [app], 50)  # its clients come back
+        writes_done.set()
+        await writing
+        final = await load.converge(probe, tasks + quiet)
+
+    history = load.history
+    history.check(final)
+    assert history.failures == [], history.failures[:10]  # every write acknowledged, too
+    assert nginx_upstream_errors(cluster) == []  # nothing refused, reset or cut short
+    for drain in drains:
+        took = drain.stopped - drain.sent
+        assert drain.code == 0 and took < 3, f"{drain} exited with {drain.code} after {took} s"
+        # What it held at the SIGTERM, it answered at once: 204 with a jittered Retry-After
+        # (only a draining instance adds one), each reaching its client within 2 s, none cut.
+        sent_away = [
+            r for r in load.replies if r.served_by == drain.app.instance_id and r.retry_after
+        ]
+        assert len(sent_away) == drain.released() >= 20, (drain, len(sent_away))
+        assert {r.status for r in sent_away} == {204}
+        assert max(r.at for r in sent_away) - drain.sent < 2
+        assert {r.retry_after for r in sent_away} == {"1", "2", "3"}
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    app: Instance
+    sent: float  # SIGTERM
+    stopped: float  # exited
+    code: int | None
+
+    def released(self) -> int:
+        """How many held polls the instance released as it stopped, as its log tells."""
+        counts = re.findall(r"releasing (\d+) waiting clients", self.app.log_text())
+        assert len(counts) == 1, counts
+        return int(counts[0])
+
+
+# --- Redis SIGKILLed --------------------------------------------------------------------------
+
+
+async def test_redis_killed_and_restarted_from_its_aof_keeps_every_acknowledged_write(
+    cluster: Cluster, probe: aiohttp.ClientSession
+) -> None:
+    tasks = task_ids(40)
+    async with load_on(cluster) as load:
+        load.poll_tasks(tasks, per_task=5)
+        await until_held(probe, cluster.instances, 200)
+        writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=500))
+        history = load.history
+        await until(lambda: len(history.acknowledged) >= 100, "100 writes", 10)
+        await asyncio.to_thread(cluster.redis.kill)
+        await until(lambda: len(history.unacknowledged) >= 10, "refused writes", 10)
+        before = len(history.acknowledged)
+        await asyncio.to_thread(cluster.redis.start)  # same port, same append-only file
+        await until_ready(probe, cluster.instances)
+        await writing
+        final = await load.converge(probe, tasks)
+
+    # Every write answered 200 is in the store: its version at most the final one, no version
+    # given twice, and the store keeps the last acknowledged write's state.
+    history.check(final)
+    assert len(history.acknowledged) - before >= 50, "too few writes after Redis came back"
+    # Refused writes were the instances' own 503 (state store unreachable), never applied twice.
+    assert {w.outcome for w in history.unacknowledged} == {"503"}
+    assert {f.what for f in history.failures} <= {"503"}
+
+
+# --- nginx reloaded ---------------------------------------------------------------------------
+
+
+async def test_nginx_reloaded_five_times_under_load_fails_no_request(
+    cluster: Cluster, probe: aiohttp.ClientSession
+) -> None:
+    tasks = task_ids(40)
+    async with load_on(cluster) as load:
+        load.poll_tasks(tasks, per_task=10)
+        await until_held(probe, cluster.instances, 400)
+        writes_done = asyncio.Event()
+        writing = asyncio.create_task(load.write_steadily(tasks, 50, 3000, writes_done))
+        history = load.history
+        for n in range(1, 6):
+            # SIGHUP to the master, as `nginx -s reload`; returns once the new workers serve.
+            await asyncio.to_thread(cluster.nginx.reload)
+            await until(partial(_written, history, 40 * n), "40 writes more", 10)
+        writes_done.set()
+        await writing
+        final = await load.converge(probe, tasks)
+
+    history.check(final)
+    assert history.failures == [], history.failures[:10]  # every write acknowledged, too
+    assert nginx_upstream_errors(cluster) == []
+    assert len(history.acknowledged) >= 200
+
+
+# --- the subscription cut again and again ---------------------------------------------------
+
+
+async def test_subscription_killed_every_200ms_for_3s_during_writes_every_watcher_ends_current(
+    cluster: Cluster, probe: aiohttp.ClientSession
+) -> None:
+    tasks = task_ids(20)
+    async with load_on(cluster) as load:
+        load.poll_tasks(tasks, per_task=10)
+        for n in range(5):
+            load.watch(f"watch-all-{n}", tasks, only=False)
+            load.watch(f"watch-four-{n}", tasks[4 * n : 4 * n + 4], only=True)
+        await until_held(probe, cluster.instances, 210)
+        writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=250))
+        history = load.history
+        await until(lambda: len(history.acknowledged) >= 25, "25 writes", 10)
+        killed = 0
+        for _ in range(15):  # the fault's schedule: a kill every 200 ms for 3 s
+            out = await asyncio.to_thread(cluster.redis.command, "CLIENT", "KILL", "TYPE", "pubsub")
+            killed += int(out)
+            await asyncio.sleep(0.2)
+        await writing
+        await until_ready(probe, cluster.instances)  # each subscribed again
+        final = await load.converge(probe, tasks)
+
+    history.check(final)
+    # Redis itself stayed up: reads fell back to it while a subscription was down.
+    assert history.failures == [], history.failures[:10]
+    assert killed >= 15, f"only {killed} subscriptions killed"
+    watchers = {seen.client for seen in history.seen if seen.client.startswith("watch")}
+    assert len(watchers) == 10
