@@ -60,5 +60,10 @@ screenshot: $(STAMP)  ## docs/board.png: the board, photographed on a running cl
 	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx chromium:chromium
 	$(BIN)/python -m tests.screenshot
 
+.PHONY: soak
+soak: $(STAMP)  ## bounded soak, not in make test: 5,000 waiters, 20 updates/s, MINUTES=10
+	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx
+	$(BIN)/python -m deploy.soak --minutes $(or $(MINUTES),10)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts

@@ -303,6 +303,13 @@ async def load_on(cluster: Cluster) -> AsyncIterator[Load]:
             await load.stop()
 
 
+def errors_logged(cluster: Cluster) -> list[str]:
+    """Tracebacks and errors in the instances' logs (warnings, such as a lost subscription, are
+    how they report a fault they handle)."""
+    lines = "\n".join(app.log_text() for app in cluster.instances).splitlines()
+    return [line for line in lines if "Traceback" in line or " ERROR " in line]
+
+
 def nginx_upstream_errors(cluster: Cluster) -> list[str]:
     """nginx's log lines about an instance failing a request (refused, reset, cut short)."""
     return [line for line in cluster.nginx.log_text().splitlines() if "upstream" in line]
@@ -328,6 +335,7 @@ async def test_instance_killed_under_1000_held_polls_and_50_writes_a_second_clie
 
     history = load.history
     history.check(final)
+    assert errors_logged(cluster) == []
     assert held_there >= 200, f"only {held_there} of 1,000 polls were on the killed instance"
     after = {seen.served_by for seen in history.seen if seen.asked > killed_at}
     assert after == {app.instance_id for app in cluster.instances[1:]}
@@ -374,6 +382,7 @@ async def test_rolling_restart_answers_held_polls_at_once_and_no_client_sees_an_
 
     history = load.history
     history.check(final)
+    assert errors_logged(cluster) == []
     assert history.failures == [], history.failures[:10]  # every write acknowledged, too
     assert nginx_upstream_errors(cluster) == []  # nothing refused, reset or cut short
     for drain in drains:
@@ -428,6 +437,7 @@ async def test_redis_killed_and_restarted_from_its_aof_keeps_every_acknowledged_
     # Every write answered 200 is in the store: its version at most the final one, no version
     # given twice, and the store keeps the last acknowledged write's state.
     history.check(final)
+    assert errors_logged(cluster) == []
     assert len(history.acknowledged) - before >= 50, "too few writes after Redis came back"
     # Refused writes were the instances' own 503 (state store unreachable), never applied twice.
     assert {w.outcome for w in history.unacknowledged} == {"503"}
@@ -456,6 +466,7 @@ async def test_nginx_reloaded_five_times_under_load_fails_no_request(
         final = await load.converge(probe, tasks)
 
     history.check(final)
+    assert errors_logged(cluster) == []
     assert history.failures == [], history.failures[:10]  # every write acknowledged, too
     assert nginx_upstream_errors(cluster) == []
     assert len(history.acknowledged) >= 200
@@ -487,8 +498,45 @@ async def test_subscription_killed_every_200ms_for_3s_during_writes_every_watche
         final = await load.converge(probe, tasks)
 
     history.check(final)
+    assert errors_logged(cluster) == []
     # Redis itself stayed up: reads fell back to it while a subscription was down.
     assert history.failures == [], history.failures[:10]
     assert killed >= 15, f"only {killed} subscriptions killed"
     watchers = {seen.client for seen in history.seen if seen.client.startswith("watch")}
     assert len(watchers) == 10
+
+
+# --- the checker itself ---------------------------------------------------------------------
+
+
+def _history(*writes: tuple[str, int | None, float], seen: tuple[int, ...] = (1, 2)) -> History:
+    """Writes to task "t" (message, acknowledged version, start time) and one watcher of it."""
+    history = History()
+    history.follow("watcher", {"t": 0})
+    for message, version, started in writes:
+        history.write(Write("t", message, started, started + 0.5, version, str(version)))
+    for at, version in enumerate(seen, start=10):
+        shown = {1: "a", 2: "b"}.get(version)
+        history.observe(Seen("watcher", "t", version, shown, at - 0.1, at, "i1"))
+    return history
+
+
+@pytest.mark.parametrize(
+    ("history", "final", "problem"),
+    [
+        (_history(("a", 1, 0), ("b", 2, 1)), (2, "b"), None),
+        (_history(("a", 1, 0), ("b", None, 1)), (2, "b"), None),  # unacknowledged, applied
+        (_history(("a", 1, 0), ("b", 2, 1)), (1, "a"), "b got v2, the store has v1"),
+        (_history(("a", 1, 0), ("b", 1, 1)), (2, "b"), "both got v1"),
+        (_history(("a", 2, 0), ("b", 1, 1)), (2, "a"), "acknowledged out of order"),
+        (_history(("a", 1, 0), ("b", 2, 1)), (2, "c"), "keeps 'c' at v2, not 'b'"),
+        (_history(("a", 1, 0), ("b", 2, 1), seen=(2, 1)), (2, "b"), "go from 2 to 1"),
+        (_history(("a", 1, 0), ("b", 2, 1), seen=(1,)), (2, "b"), "ended t on v1"),
+    ],
+)
+def test_history_check_finds_lost_reordered_and_stale_states(
+    history: History, final: tuple[int, str], problem: str | None
+) -> None:
+    version, message = final
+    found = history.problems({"t": {"version": version, "message": message}})
+    assert found == [] if problem is None else any(problem in line for line in found), found
