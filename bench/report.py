@@ -340,6 +340,7 @@ def chart(fan: Table, path: Path, machine: dict[str, Any]) -> None:
             [v["max"] - v["median"] for _, v in points],
         ]
         ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=_title(target))
+    ax.set_xticks(sorted({n for _, n in fan}))
     ax.set_xlabel("held polls N")
     ax.set_ylabel("time-to-last, ms (median of rounds, min-max)")
     ax.set_yscale("log")

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -199,10 +198,10 @@ def plan(
     scenarios: set[str],
     work: Path,
     emit: Emit,
-) -> list[tuple[str, int, Callable[[], None]]]:
+) -> list[tuple[str, int, partial[None]]]:
     """(target, polls, step) in the order they run: each size and scenario against every
     target in turn, so a change in the machine's other load falls on every target alike."""
-    steps: list[tuple[str, int, Callable[[], None]]] = []
+    steps: list[tuple[str, int, partial[None]]] = []
     if "fanout" in scenarios:
         for n in settings.sizes:
             for key in targets:
@@ -220,11 +219,11 @@ def plan(
 
 
 def run_step(
-    client: LoadClient, key: str, n: int, step: Callable[[], None], settings: Settings, emit: Emit
+    client: LoadClient, key: str, n: int, step: partial[None], settings: Settings, emit: Emit
 ) -> None:
     """One scenario against one target; a failure is recorded and the run goes on."""
     if key == "seed" and n > settings.seed_max:
-        why = f"a thread per poll: runs up to {settings.seed_max:,} polls"
+        why = f"{step.func.__name__}: a thread per poll, runs up to {settings.seed_max:,} polls"
         emit({"scenario": "skipped", "target": key, "n": n, "why": why})
         return
     try:

@@ -8,6 +8,7 @@ service instances, nginx master and workers, Nchan, Redis, the seed.
 from __future__ import annotations
 
 import bisect
+import math
 import shutil
 import signal
 import subprocess
@@ -55,7 +56,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
 
 
@@ -288,8 +289,11 @@ def start_profiles(target: Target, where: Path | None, name: str) -> list[subpro
     out = []
     for role, pids in target.pids().items():
         if role.startswith("instance"):
-            argv = [spy, "record", "--pid", str(pids[0]), "--rate", "250", "--nonblocking",
-                    "--format", "raw", "--output", str(where / f"{name}-{role}.txt")]  # fmt: skip
+            # --native: C frames too, so time in the cyclic GC (gc_collect_main) shows by name
+            # (native stacks need the process paused for each sample: profile runs are slower)
+            argv = [spy, "record", "--pid", str(pids[0]), "--rate", "100",
+                    "--native", "--format", "raw",
+                    "--output", str(where / f"{name}-{role}.txt")]  # fmt: skip
             out.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(0.5)  # attached
     return out
@@ -300,7 +304,7 @@ def stop_profiles(profilers: list[subprocess.Popen[bytes]]) -> None:
         spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
     for spy in profilers:
         try:
-            spy.wait(20)
+            spy.wait(120)
         except subprocess.TimeoutExpired:
             spy.kill()
             spy.wait()
@@ -417,7 +421,9 @@ def throughput(client: LoadClient, key: str, settings: Settings, workdir: Path, 
             concurrency=settings.throughput_writers,
             duration=settings.throughput_seconds,
         )
+        profilers = start_profiles(target, settings.profile, f"{key}-throughput")
         result = client.write(spec)
+        stop_profiles(profilers)
         cpu1 = cpu_seconds(pids)
         log = result["log"]
         accepted = [(a, v) for a, v in zip(log.acked, log.version, strict=True) if v >= 0]
