@@ -72,6 +72,12 @@ def _node_kib(hold: Record | None, prefixes: tuple[str, ...]) -> float | None:
     return max(values) if values else None
 
 
+def _cores(r: Record) -> float | None:
+    """CPU the target's processes used during the writes, in cores (2 = the whole machine)."""
+    seconds = r.get("seconds")
+    return sum(r["server_cpu"].values()) / seconds if seconds else None
+
+
 def header(run: Record, records: list[Record], jsonl: Path) -> list[str]:
     m, lc = run["machine"], run["load_client"]
     elapsed = next((r["seconds"] for r in records if r["scenario"] == "elapsed"), None)
@@ -166,7 +172,8 @@ def throughput_section(tput: dict[str, Record]) -> list[str]:
         "",
         "A closed loop of writers. *Lag*: how many versions each delivery was behind the newest"
         " acknowledged one (0: the newest state). *Last version*: whether every poll got the last"
-        " write within 15 s (and when the last one did, after its ack).",
+        " write within 15 s (and when the last one did, after its ack). *Server cores*: CPU the"
+        " target's processes got during the writes, in cores (2 = the whole machine).",
         "",
     ]
     rows = []
@@ -184,10 +191,12 @@ def throughput_section(tput: dict[str, Record]) -> list[str]:
                 f"{_f(ack['p50_ms'], 1)} / {_f(ack['p99_ms'], 1)}",
                 f"{_f(r['lag_versions_p50'])} / {_f(r['lag_versions_p99'])}",
                 f"{last} ({_f(r['converge_ms_after_last_ack'])} ms)",
+                _f(_cores(r), 2),
             ]
         )
     head = ["target", "polls", "writers", "accepted updates/s", "notifications/s",
-            "write ack p50 / p99 ms", "lag p50 / p99 versions", "last version"]  # fmt: skip
+            "write ack p50 / p99 ms", "lag p50 / p99 versions", "last version",
+            "server cores"]  # fmt: skip
     return lines + _table(head, rows)
 
 
@@ -206,10 +215,11 @@ def many_section(many: dict[str, Record]) -> list[str]:
                 _f(r["notifications_per_s"]),
                 f"{r['notifications']:,} / {r['expected_notifications']:,}",
                 f"{_f(d['p50_ms'], 1)} / {_f(d['p99_ms'], 1)} / {_f(d['max_ms'], 1)}",
+                _f(_cores(r), 2),
             ]
         )
     head = ["target", "tasks x polls", "held", "writes/s offered / accepted", "notifications/s",
-            "delivered / writes x polls", "delay p50 / p99 / max ms"]  # fmt: skip
+            "delivered / writes x polls", "delay p50 / p99 / max ms", "server cores"]  # fmt: skip
     return lines + _table(head, rows)
 
 
