@@ -20,6 +20,7 @@ from .conditional import parse_if_none_match, parse_prefer_wait
 from .errors import ApiError, bad_request
 from .hub import WATCH_KEY, Change
 from .keys import BACKEND, CONFIG, HUB
+from .metrics import delivering
 from .model import (
     DEFAULT_TASK,
     MAX_COUNTER,
@@ -55,7 +56,8 @@ def state_response(state: TaskState) -> web.Response:
 
 
 def change_response(change: Change) -> web.Response:
-    return raw_json_response(change.body, headers={"ETag": f'"{change.state.version}"'})
+    response = raw_json_response(change.body, headers={"ETag": f'"{change.state.version}"'})
+    return delivering(response, change)
 
 
 # --- query parsing ----------------------------------------------------------------------------
@@ -249,7 +251,8 @@ async def watch(request: web.Request) -> web.StreamResponse:
             if change is None:
                 return _nothing_new(request)
             if _follows(change.cursor, position):
-                return raw_json_response(change.watch_body)  # shared by every watch here
+                # The body is shared by every watch here.
+                return delivering(raw_json_response(change.watch_body), change)
             # A gap (a resync after a reconnect, or changes this watch does not show): ask the
             # store, and keep waiting if none of what it missed is for this watch.
             batch = await backend.changes_since(position, only)

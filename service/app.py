@@ -18,9 +18,11 @@ from .backend import create_backend
 from .config import Config, load_config
 from .connections import LISTEN_BACKLOG, handler_args, raise_open_file_limit
 from .cors import setup_cors
+from .dashboard import dashboard_ctx, setup_dashboard
 from .health import setup_health_routes
 from .hub import Hub
 from .keys import BACKEND, CONFIG, HUB
+from .metrics import setup_metrics
 from .middleware import add_security_headers, add_standard_headers, errors_middleware
 from .openapi import setup_openapi_routes
 from .ratelimit import setup_rate_limit
@@ -84,6 +86,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[HUB] = Hub()
     app[BACKEND] = create_backend(config)
+    setup_metrics(app)  # GET /metrics; its middleware goes first, to count every answer
     aiohttp_jinja2.setup(
         app, loader=jinja2.FileSystemLoader(WEB_DIR / "templates"), autoescape=True
     )
@@ -93,6 +96,7 @@ def create_app(config: Config) -> web.Application:
     setup_health_routes(app)
     setup_openapi_routes(app)
     setup_page_routes(app)
+    setup_dashboard(app)
     app.router.add_static("/static", WEB_DIR / "static")
     setup_auth(app, config)  # middlewares run in this order: errors, auth, write rate limit
     setup_rate_limit(app, config)
@@ -100,6 +104,7 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_standard_headers)
     app.on_response_prepare.append(add_security_headers)
     app.cleanup_ctx.append(backend_ctx)
+    app.cleanup_ctx.append(dashboard_ctx)  # shares its stats once the backend is up
     app.cleanup_ctx.append(waiting_clients_log_ctx)
     app.on_shutdown.append(release_waiters)
     return app

@@ -46,8 +46,8 @@ MIN_RSA_BITS = 2048
 
 # The seed's endpoints, which act on the task "default".
 _DEFAULT_TASK_ROUTES = frozenset({"/api/status", "/api/poll-status", "/api/update-status"})
-# API documents that describe the service and hold no task data.
-_PUBLIC_API_ROUTES = frozenset({"/api/openapi.json"})
+# API documents that describe the service, and the cluster's figures: no task data.
+_PUBLIC_API_ROUTES = frozenset({"/api/openapi.json", "/api/cluster/watch"})
 # Routes that follow the tasks named in `tasks=` (all of them without it): a watch, a board stream.
 _WATCH_ROUTES = frozenset({"/api/watch", "/api/events"})
 # The WebSocket: its subscriptions name their tasks, and ws.py checks each one with check_grant.

@@ -16,7 +16,9 @@ from aiohttp import web
 
 from .api import MAX_BODY_BYTES, MAX_WATCH_TASKS
 from .config import Config
+from .dashboard import CLUSTER_WATCH_PATH, MAX_WATCHERS
 from .keys import CONFIG
+from .metrics import METRICS_PATH
 from .model import MAX_COUNTER, MESSAGE_MAX_CHARS, TASK_ID_PATTERN
 
 OPENAPI_PATH: Final = "/api/openapi.json"
@@ -342,6 +344,66 @@ def _page(operation_id: str, summary: str, task_id: bool) -> Schema:
     )
 
 
+def _cluster_watch() -> Schema:
+    counter: Schema = {"type": "integer", "minimum": 0, "maximum": MAX_COUNTER}
+    since = _parameter(
+        "since", "query", counter, "the `cursor` of an earlier answer; none or 0: every sample kept"
+    )
+    milliseconds: Schema = {"type": ["number", "null"], "minimum": 0}
+    figures: Schema = {
+        "instance": {"type": "string"},
+        "state": {"enum": ["up", "not_ready", "down"]},
+        "ready": {"type": "boolean"},
+        "held": {"type": "integer"},
+        "writes_per_second": {"type": "number"},
+        "notify_p50_ms": milliseconds,
+        "notify_p99_ms": milliseconds,
+        "age_ms": {"type": "integer", "description": "since the instance last shared"},
+    }
+    instance: Schema = {
+        "type": "object",
+        "required": list(figures),
+        "additionalProperties": False,
+        "properties": figures,
+    }
+    sample: Schema = {
+        "type": "object",
+        "required": ["t", "held", "writes_per_second"],
+        "additionalProperties": False,
+        "properties": {
+            "t": {**counter, "description": "ms since the epoch"},
+            "held": {"type": "integer"},
+            "writes_per_second": {"type": "number"},
+        },
+    }
+    view: Schema = {
+        "type": "object",
+        "required": ["cursor", "reset", "store_reachable", "instances", "samples"],
+        "additionalProperties": False,
+        "properties": {
+            "cursor": {**counter, "description": "the time of the newest sample: the next since"},
+            "reset": {"type": "boolean", "description": "every sample kept: replace the chart"},
+            "store_reachable": {"type": "boolean"},
+            "instances": {"type": "array", "items": instance},
+            "samples": {"type": "array", "items": sample},
+        },
+    }
+    return {
+        "operationId": "watchCluster",
+        "summary": "Long poll on the cluster's figures (the dashboard): each instance's, and "
+        "samples of the totals, one a second",
+        "parameters": [since, TIMEOUT_PARAMETER],
+        "responses": {
+            "200": _response("The cluster now, and the samples after `since`", view),
+            "204": NOTHING_NEW,
+            "400": BAD_REQUEST,
+            "503": _error(
+                f"This instance holds {MAX_WATCHERS} dashboards already", headers=("Retry-After",)
+            ),
+        },
+    }
+
+
 def _paths() -> Schema:
     return {
         "/api/status": {
@@ -416,6 +478,22 @@ def _paths() -> Schema:
         "/readyz": _probe("readyz", "Ready to serve", "Readiness", ("200", "503")),
         "/": _page("board", "The live task board (HTML)", False),
         "/tasks/{task_id}": _page("taskPage", "One task's live page (HTML)", True),
+        "/dashboard": _page("dashboard", "The live cluster dashboard (HTML)", False),
+        CLUSTER_WATCH_PATH: {"get": _cluster_watch()},
+        METRICS_PATH: {
+            "get": {
+                "operationId": "getMetrics",
+                "summary": "Prometheus metrics of this instance",
+                "responses": {
+                    "200": _response(
+                        "The Prometheus text format",
+                        {"type": "string"},
+                        api=False,
+                        media_type="text/plain",
+                    )
+                },
+            }
+        },
     }
 
 

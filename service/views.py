@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
+from .dashboard import DELAY_WINDOW, HISTORY, STALE_AFTER, STATS_INTERVAL, STATS_TTL
 from .keys import CONFIG
 from .model import DEFAULT_TASK, initial_state, validate_task_id
 
@@ -39,6 +40,20 @@ async def task_page(request: web.Request) -> dict[str, Any]:
     return {**_page_context(request), "task_id": task_id}
 
 
+@aiohttp_jinja2.template("dashboard.html")
+async def dashboard(request: web.Request) -> dict[str, Any]:
+    """The whole cluster, live: the script follows GET /api/cluster/watch (dashboard.py)."""
+    return {
+        **_page_context(request),
+        "stats_interval": STATS_INTERVAL,
+        "stale_after": STALE_AFTER,
+        "stats_ttl": STATS_TTL,
+        "delay_window": DELAY_WINDOW,
+        "history_seconds": HISTORY * STATS_INTERVAL,
+    }
+
+
 def setup_page_routes(app: web.Application) -> None:
     app.router.add_get("/", board)
     app.router.add_get("/tasks/{task_id}", task_page)
+    app.router.add_get("/dashboard", dashboard)

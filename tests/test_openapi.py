@@ -23,7 +23,9 @@ from schemathesis.core.result import Ok
 
 from service.app import create_app
 from service.config import Config
+from service.dashboard import CLUSTER_WATCH_PATH
 from service.keys import CONFIG
+from service.metrics import METRICS_PATH
 from service.openapi import OPENAPI_PATH, build_openapi
 
 from .conftest import INSTANCE_ID, Client, ClientFactory, wait_for_waiters
@@ -259,8 +261,15 @@ async def test_answers_of_every_default_operation_conform(sampler_factory: Sampl
         await s.send(method, "/healthz", "/healthz", 200)
         await s.send(method, "/readyz", "/readyz", 200)
         await s.send(method, "/", "/", 200)
+        await s.send(method, "/dashboard", "/dashboard", 200)
         await s.send(method, "/tasks/{task_id}", "/tasks/a", 200)
         await s.send(method, "/tasks/{task_id}", "/tasks/-a", 400)
+    cluster = await s.send("GET", CLUSTER_WATCH_PATH, CLUSTER_WATCH_PATH, 200)
+    assert cluster is not None
+    ahead = cluster["cursor"] + 4000  # a sample that late is seconds away: nothing within 0 s
+    await s.send("GET", CLUSTER_WATCH_PATH, f"{CLUSTER_WATCH_PATH}?since={ahead}&timeout=0", 204)
+    await s.send("GET", CLUSTER_WATCH_PATH, f"{CLUSTER_WATCH_PATH}?since=x", 400)
+    await s.send("GET", METRICS_PATH, METRICS_PATH, 200)
     documented = operations_of(s.conformance.document)
     assert {(path, method) for path, method, _ in s.conformance.seen} == documented
 

@@ -102,3 +102,25 @@ class Backend(ABC):
         With no cursor, or one from another epoch or ahead of the store, answer a snapshot of all
         (``reset=True``) so the client replaces what it holds.
         """
+
+    # --- what an instance tells of itself (metrics.py, dashboard.py) --------------------------
+
+    reconnects = 0  # times the change subscription came back after it dropped
+    errors = 0  # calls to the store that failed
+
+    @abstractmethod
+    async def share_stats(self, instance_id: str, record: str, ttl: float) -> SharedStats:
+        """Store ``record`` as ``instance_id``'s stats for ``ttl`` seconds, and read back every
+        live instance's record (this one's included) and the number of tasks in the store."""
+
+    @abstractmethod
+    async def withdraw_stats(self, instance_id: str) -> None:
+        """Remove ``instance_id``'s stats record now (a graceful stop)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedStats:
+    """What ``share_stats`` reads back: each live instance's record with its age in seconds."""
+
+    records: list[tuple[str, float]]
+    tasks: int

@@ -8,7 +8,14 @@ from collections import OrderedDict, deque
 from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
 from ..model import Cursor, TaskState, TaskUpdate, WatchBatch, initial_state, utc_now_iso
-from .base import Backend, ChangeSink, TaskLimitReached, VersionConflict, WriteResult
+from .base import (
+    Backend,
+    ChangeSink,
+    SharedStats,
+    TaskLimitReached,
+    VersionConflict,
+    WriteResult,
+)
 
 
 class MemoryBackend(Backend):
@@ -84,3 +91,9 @@ class MemoryBackend(Backend):
                 changed.append(state)
         changed.reverse()
         return WatchBatch(cursor=cursor, tasks=changed)
+
+    async def share_stats(self, instance_id: str, record: str, ttl: float) -> SharedStats:
+        return SharedStats([(record, 0.0)], len(self._tasks))  # the only instance there is
+
+    async def withdraw_stats(self, instance_id: str) -> None:
+        pass

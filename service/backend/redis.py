@@ -8,6 +8,8 @@ Key layout (``prefix`` defaults to ``taskstatus:``):
 - ``{prefix}epoch``      a random id of this data set; a new one tells watchers to resnapshot
 - ``{prefix}history:{id}`` list: the task's last changes as JSON, newest first, trimmed by the write
 - channel ``{prefix}changes``: one message per write, ``{"epoch", "seq", "state"}``
+- ``{prefix}instances``  sorted set: instance id -> expiry of its stats record (dashboard.py)
+- ``{prefix}instance:{id}`` the instance's stats record, expiring unless renewed (``lua/stats.lua``)
 
 Writes are one Lua script (``lua/write.lua``). The reader task subscribes, then re-reads every task
 that has waiters and the newest change, so whatever was published while it was not subscribed still
@@ -39,7 +41,14 @@ from ..errors import BackendUnavailable
 from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
 from ..model import UNSET, Cursor, TaskState, TaskUpdate, WatchBatch, initial_state
-from .base import Backend, ChangeSink, TaskLimitReached, VersionConflict, WriteResult
+from .base import (
+    Backend,
+    ChangeSink,
+    SharedStats,
+    TaskLimitReached,
+    VersionConflict,
+    WriteResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +106,7 @@ class RedisBackend(Backend):
         self._index_key = f"{prefix}changes"
         self._seq_key = f"{prefix}seq"
         self._epoch_key = f"{prefix}epoch"
+        self._instances_key = f"{prefix}instances"
         # No retries: a write whose reply was lost must not run twice (it would skip a version).
         # A blocking pool: a burst of polls (thousands re-polling after one fan-out) queues for a
         # connection instead of failing with MaxConnectionsError; Redis is single-threaded, so a
@@ -112,6 +122,7 @@ class RedisBackend(Backend):
         self._redis = Redis(connection_pool=pool)
         self.write_script = self._redis.register_script((_LUA / "write.lua").read_text())
         self._changes_script = self._redis.register_script((_LUA / "changes.lua").read_text())
+        self._stats_script = self._redis.register_script((_LUA / "stats.lua").read_text())
         self._sink: ChangeSink | None = None
         self._reader: asyncio.Task[None] | None = None
         self._live = asyncio.Event()
@@ -122,6 +133,9 @@ class RedisBackend(Backend):
         self._known: dict[str, TaskState] = {}
         self._known_epoch = ""
         self._generation = 0  # bumped on every drop: a read begun before it must not be kept
+
+    def _instance_key(self, instance_id: str) -> str:
+        return f"{self._prefix}instance:{instance_id}"
 
     def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}task:{task_id}"
@@ -163,6 +177,7 @@ class RedisBackend(Backend):
                 await self._resync()
                 self._live.set()
                 if outage_since is not None:
+                    self.reconnects += 1
                     log.warning(
                         "redis subscription restored after %.1f s", time.monotonic() - outage_since
                     )
@@ -172,6 +187,7 @@ class RedisBackend(Backend):
                 raise
             except Exception as exc:
                 self._forget()
+                self.errors += 1
                 if outage_since is None:
                     outage_since = time.monotonic()
                     if _connection_error(exc):
@@ -265,10 +281,12 @@ class RedisBackend(Backend):
             task.add_done_callback(_consume_outcome)
             raise
         except RedisError as exc:
+            self.errors += 1
             if not _connection_error(exc):
                 log.exception("redis command failed")
             raise BackendUnavailable(type(exc).__name__) from exc
         except OSError as exc:
+            self.errors += 1
             raise BackendUnavailable(type(exc).__name__) from exc
 
     async def get(self, task_id: str) -> TaskState:
@@ -340,3 +358,20 @@ class RedisBackend(Backend):
         if only is not None:
             tasks = [state for state in tasks if state.task in only]
         return WatchBatch(cursor=Cursor(epoch.decode(), int(seq)), tasks=tasks, reset=bool(reset))
+
+    async def share_stats(self, instance_id: str, record: str, ttl: float) -> SharedStats:
+        ttl_ms = round(ttl * 1000)
+        keys = [self._instances_key, self._index_key]
+        args = [self._instance_key(""), instance_id, record, str(ttl_ms)]
+        tasks, *found = await self._call(self._stats_script(keys=keys, args=args))
+        records = [
+            (raw.decode(), (ttl_ms - int(remaining)) / 1000)
+            for raw, remaining in zip(found[::2], found[1::2], strict=True)
+        ]
+        return SharedStats(records, int(tasks))
+
+    async def withdraw_stats(self, instance_id: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self._instance_key(instance_id))
+        pipe.zrem(self._instances_key, instance_id)
+        await self._call(pipe.execute())
