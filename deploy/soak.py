@@ -156,6 +156,7 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
     owner = {w: tasks[w // args.per_task] for w in range(args.waiters)}
     seconds = args.minutes * 60
     rss: dict[str, list[int]] = {app.name: [rss_kib(app)] for app in cluster.instances}
+    series: dict[str, list[int]] = {app.name: [] for app in cluster.instances}  # each report
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=HOLD + 30)
     probing = aiohttp.TCPConnector(force_close=True)
@@ -181,7 +182,10 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
         writing = asyncio.create_task(soak.write_steadily(tasks, args.rate, seconds))
         while not writing.done():
             await asyncio.wait([writing], timeout=args.every)
-            line = "  ".join(f"{app.name} {mib(rss_kib(app))}" for app in cluster.instances)
+            now = {app.name: rss_kib(app) for app in cluster.instances}
+            for name, kib in now.items():
+                series[name].append(kib)
+            line = "  ".join(f"{name} {mib(kib)}" for name, kib in now.items())
             print(
                 f"{time.monotonic() - started:6.0f} s: held {await soak.waiting()}, "
                 f"{soak.acknowledged} writes, {soak.answers} answers, "
@@ -218,6 +222,10 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
             f"  {name}: {mib(idle)} -> {mib(start)} -> {mib(end)} -> {mib(gone)}"
             f"   end - start: {growth / 1024:+.1f} MiB ({growth / start:+.1%})"
         )
+        if len(series[name]) > 1:  # the first writes warm the process up; then, the drift
+            drift = series[name][-1] - series[name][0]
+            print(f"    at each report: {' '.join(mib(k) for k in series[name])}")
+            print(f"    since the first report: {drift / 1024:+.1f} MiB")
     moved = sum(final.values())
     print(f"writes acknowledged: {soak.acknowledged}; versions in the store: {moved}")
     print(f"answers to waiters: {soak.answers}; out of order: {soak.out_of_order}")
