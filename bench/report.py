@@ -17,9 +17,10 @@ Record = dict[str, Any]
 Table = dict[tuple[str, int], Record]
 SERVICE = ("service-1", "service-3")
 PEERS = ("nchan-1", "nchan-2", "seed")
-ORDER = ("service-1", "service-3", "seed", "nchan-1", "nchan-2")
+ORDER = ("service-1", "service-1-nogc", "service-3", "seed", "nchan-1", "nchan-2")
 TITLES = {
     "service-1": "service, 1 instance",
+    "service-1-nogc": "service, 1 instance, GC off",
     "service-3": "service, 3 inst. + nginx",
     "seed": "seed (Flask, thread/poll)",
     "nchan-1": "Nchan, 1 nginx",

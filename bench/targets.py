@@ -187,6 +187,23 @@ class ServiceOne(Target):
         return {"instance-1": healthz_polls(self.instance.port)}
 
 
+class ServiceOneNoGC(ServiceOne):
+    """An experiment, not in the default run: ``service-1`` with Python's cyclic GC disabled
+    (the same code, started through a one-line prelude), to measure that lever alone."""
+
+    key, title = "service-1-nogc", "this service, 1 instance, cyclic GC off (experiment)"
+    PRELUDE = "import gc, runpy; gc.disable(); runpy.run_module('service', run_name='__main__')"
+
+    def start(self) -> None:
+        redis = RedisServer(self.workdir / "redis")
+        self.roles["redis"] = redis
+        redis.start()
+        self.instance = Instance(self.workdir / "instances", "instance-1", redis_url=redis.url)
+        self.instance.argv[1:3] = ["-c", self.PRELUDE]  # instead of "-m service"
+        self.roles["instance-1"] = self.instance
+        self.instance.start()
+
+
 class ServiceCluster(Target):
     key, title = "service-3", "this service, 3 instances + nginx + Redis"
 
@@ -270,7 +287,7 @@ class NchanCluster(NchanOne):
 
 
 TARGETS: dict[str, type[Target]] = {
-    t.key: t for t in (ServiceOne, ServiceCluster, Seed, NchanOne, NchanCluster)
+    t.key: t for t in (ServiceOne, ServiceOneNoGC, ServiceCluster, Seed, NchanOne, NchanCluster)
 }
 
 
