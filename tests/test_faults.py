@@ -428,6 +428,7 @@ async def test_redis_killed_and_restarted_from_its_aof_keeps_every_acknowledged_
         await until(lambda: len(history.acknowledged) >= 100, "100 writes", 10)
         await asyncio.to_thread(cluster.redis.kill)
         await until(lambda: len(history.unacknowledged) >= 10, "refused writes", 10)
+        held_while_away = await held_polls(probe, cluster.instances)
         before = len(history.acknowledged)
         await asyncio.to_thread(cluster.redis.start)  # same port, same append-only file
         await until_ready(probe, cluster.instances)
@@ -439,6 +440,7 @@ async def test_redis_killed_and_restarted_from_its_aof_keeps_every_acknowledged_
     history.check(final)
     assert errors_logged(cluster) == []
     assert len(history.acknowledged) - before >= 50, "too few writes after Redis came back"
+    assert held_while_away >= 100, "held polls should stay held while Redis is away"
     # Refused writes were the instances' own 503 (state store unreachable), never applied twice.
     assert {w.outcome for w in history.unacknowledged} == {"503"}
     assert {f.what for f in history.failures} <= {"503"}
