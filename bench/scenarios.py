@@ -527,6 +527,7 @@ def many_tasks(client: LoadClient, key: str, settings: Settings, workdir: Path, 
             {
                 "scenario": "many_tasks",
                 "target": key,
+                "n": n_tasks * k,
                 "tasks": n_tasks,
                 "waiters_per_task": k,
                 "held": held,
