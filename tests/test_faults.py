@@ -346,10 +346,6 @@ async def test_instance_killed_under_1000_held_polls_and_50_writes_a_second_clie
     assert len(history.acknowledged) >= 350
 
 
-def _written(history: History, count: int) -> bool:
-    return len(history.writes) >= count
-
-
 # --- rolling restart --------------------------------------------------------------------------
 
 
@@ -472,6 +468,10 @@ async def test_nginx_reloaded_five_times_under_load_fails_no_request(
     assert history.failures == [], history.failures[:10]  # every write acknowledged, too
     assert nginx_upstream_errors(cluster) == []
     assert len(history.acknowledged) >= 200
+
+
+def _written(history: History, count: int) -> bool:
+    return len(history.writes) >= count
 
 
 # --- the subscription cut again and again ---------------------------------------------------
