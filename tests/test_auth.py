@@ -2,7 +2,8 @@
 
 Every refused request is checked to have changed nothing. Tokens are made the way an operator
 makes them (``mint_token``, the code behind ``python -m service token``), or by hand with PyJWT for
-the broken ones (expired, wrong signature, ``alg: none``, wrong audience, ...).
+the broken ones (expired, wrong signature, ``alg: none``, wrong audience, ...). At the end, the page
+with auth on in Chromium: it asks for a token, takes one from ``#token=``, and shows 401 and 403.
 """
 
 from __future__ import annotations
