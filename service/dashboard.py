@@ -275,7 +275,7 @@ def _counter(request: web.Request, name: str) -> int | None:
     values = request.query.getall(name, [])
     if len(values) > 1:
         raise ApiError(400, "duplicate_parameter", f"{name} given more than once")
-    return parse_counter(name, values[0]) if values and values[0] != "" else None
+    return parse_counter(name, values[0]) if values else None
 
 
 async def dashboard_ctx(app: web.Application) -> AsyncIterator[None]:

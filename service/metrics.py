@@ -2,8 +2,8 @@
 
 What is counted, with bounded labels only (never a task id):
 
-- ``taskstatus_held_polls{transport}``: requests held now (``longpoll``, ``watch``; a streaming
-  transport counts its open streams with ``Metrics.holding``);
+- ``taskstatus_held_polls{transport}``: requests held now (``longpoll``, ``watch``, ``dashboard``
+  for the cluster watch; a streaming transport counts its open streams with ``Metrics.holding``);
 - ``taskstatus_polls_answered_total{transport,outcome}``: ``changed`` (200), ``timeout`` (nothing
   new: 204, 304), ``disconnected`` (the client left first), ``rejected`` (an error answer: bad
   parameters, no token, the held-poll cap, the store unreachable);
@@ -58,7 +58,8 @@ from .keys import BACKEND
 
 METRICS_PATH: Final = "/metrics"
 
-TRANSPORTS: Final = ("longpoll", "watch")
+TRANSPORTS: Final = ("longpoll", "watch", "dashboard")
+DELIVERING: Final = ("longpoll", "watch")  # those that answer with a change (notify delay)
 POLL_OUTCOMES: Final = ("changed", "timeout", "disconnected", "rejected")
 WRITE_RESULTS: Final = (
     "ok",
@@ -80,6 +81,7 @@ POLL_ROUTES: Final = {
     ("GET", "/api/tasks/{task_id}/poll"): "longpoll",
     ("GET", "/api/poll-status"): "longpoll",
     ("GET", "/api/watch"): "watch",
+    ("GET", "/api/cluster/watch"): "dashboard",
 }
 WRITE_ROUTES: Final = frozenset({("PUT", "/api/tasks/{task_id}"), ("POST", "/api/update-status")})
 # A conditional GET of a task (If-None-Match and Prefer: wait) is a long poll too.
@@ -164,7 +166,7 @@ class Metrics:
             {(t, o): 0 for t in TRANSPORTS for o in POLL_OUTCOMES}
         )
         self.writes: Counter[str] = Counter(dict.fromkeys(WRITE_RESULTS, 0))
-        self.notify_delay = {transport: DelayHistogram() for transport in TRANSPORTS}
+        self.notify_delay = {transport: DelayHistogram() for transport in DELIVERING}
         self.tasks: int | None = None  # tasks in the store, as of the last stats tick
         self._backend = backend
         # Every waiter woken by one change asks for its publish time: parse it once.
