@@ -168,7 +168,7 @@ class Metrics:
         self.writes: Counter[str] = Counter(dict.fromkeys(WRITE_RESULTS, 0))
         self.notify_delay = {transport: DelayHistogram() for transport in DELIVERING}
         self.tasks: int | None = None  # tasks in the store, as of the last stats tick
-        self._backend = backend
+        self.backend = backend
         # Every waiter woken by one change asks for its publish time: parse it once.
         self._stamp: tuple[str, float] = ("", 0.0)
         self._kinds: dict[web.AbstractRoute, str | None] = {}
@@ -301,7 +301,7 @@ class _Exporter(Collector):
         for transport, histogram in sorted(m.notify_delay.items()):
             delay.add_metric([transport], histogram.cumulative(), histogram.sum)
         yield from (held, polls, writes, delay)
-        backend = m._backend
+        backend = m.backend
         yield CounterMetricFamily(
             "taskstatus_pubsub_reconnects",
             "Times the change subscription came back after it dropped",
