@@ -42,6 +42,7 @@ WRITE_SCOPE = "tasks:write"
 SCOPES = (READ_SCOPE, WRITE_SCOPE)
 REALM = "taskstatus"
 LEEWAY_SECONDS = 10  # clock skew tolerated between the issuer and this service
+SUBPROTOCOL_TOKEN_PREFIX = "bearer."  # a WebSocket's token, where no header can carry it
 MIN_RSA_BITS = 2048
 
 # The seed's endpoints, which act on the task "default".
@@ -80,6 +81,9 @@ class Grant:
     subject: str | None
     scopes: frozenset[str]
     tasks: TaskScope | None = None
+    # When the token stops being valid (its exp, plus the leeway), in seconds since the epoch: a
+    # stream (SSE, WebSocket) opened with it ends then.
+    valid_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +243,7 @@ def _grant(claims: dict[str, Any]) -> Grant:
         subject=subject or None,
         scopes=frozenset(scope.split()),
         tasks=None if tasks is None else TaskScope.parse(tasks),
+        valid_until=float(claims["exp"]) + LEEWAY_SECONDS,
     )
 
 
@@ -287,11 +292,25 @@ def bearer_token(request: web.Request) -> str | None:
     """The token of ``Authorization: Bearer <token>``; never from the URL, where it would leak."""
     header = request.headers.get("Authorization")
     if header is None:
-        return None
+        return _subprotocol_token(request)
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise unauthorized("invalid_token", "send the token as Authorization: Bearer <token>")
     return token.strip()
+
+
+def _subprotocol_token(request: web.Request) -> str | None:
+    """A WebSocket handshake's token, offered as the subprotocol ``bearer.<token>``: a browser
+    cannot set headers on a WebSocket (ws.py answers with the subprotocol ``taskstatus``)."""
+    resource = request.match_info.route.resource
+    if resource is None or resource.canonical not in _SUBSCRIPTION_ROUTES:
+        return None
+    for value in request.headers.getall("Sec-WebSocket-Protocol", []):
+        for offered in value.split(","):
+            name = offered.strip()
+            if name.startswith(SUBPROTOCOL_TOKEN_PREFIX):
+                return name.removeprefix(SUBPROTOCOL_TOKEN_PREFIX) or None
+    return None
 
 
 def check_grant(grant: Grant, access: Access) -> None:
@@ -314,6 +333,13 @@ def check_grant(grant: Grant, access: Access) -> None:
             f"the token does not cover task {refused[0]}",
             access.scope,
         )
+
+
+def enforced_grant(request: web.Request, config: Config) -> Grant | None:
+    """The grant a read is held to: its token's, when reads need one (else None: anyone may)."""
+    if not config.auth_enabled or config.auth_public_reads:
+        return None
+    return request.get(GRANT)
 
 
 def auth_middleware(verifier: TokenVerifier, *, public_reads: bool) -> Middleware:

@@ -25,10 +25,12 @@ from .model import Cursor, WatchBatch
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One message of a stream: ``id`` to resume from, ``body`` (JSON) to show."""
+    """One message of a stream: ``id`` to resume from, ``body`` (JSON) to show, and the change it
+    delivers as it happens (none for a catch-up from the store)."""
 
     id: str
     body: bytes
+    change: Change | None = None
 
 
 class TaskFeed:
@@ -62,7 +64,7 @@ class TaskFeed:
         if change is None:
             return None
         self._version = change.state.version
-        return Event(str(self._version), change.body)
+        return Event(str(self._version), change.body, change)
 
     def _news(self, change: Change) -> bool:
         reset = self._epoch is not None and change.cursor.epoch != self._epoch
@@ -111,7 +113,7 @@ class BoardFeed:
                 return None
             if _follows(change.cursor, self._position):
                 self._position = change.cursor
-                return Event(str(change.cursor), change.watch_body)
+                return Event(str(change.cursor), change.watch_body, change)
             batch = await self._backend.changes_since(self._position, self._only)
             self._position = batch.cursor
             if batch.reset or batch.tasks:

@@ -11,7 +11,8 @@ A client that reconnects with ``Last-Event-ID`` (EventSource does so by itself) 
 loss: its feed catches up from the store, then follows the hub (``feeds.py``). ``since`` in the
 query names the place to start from on a first connection. A comment line every
 ``STREAM_HEARTBEAT`` seconds keeps proxies from closing a quiet stream. Streams count against the
-held-poll cap like polls. On shutdown every open stream (kept in a ``WeakSet`` under an app key)
+held-poll cap like polls, and end when the token they were opened with expires (the client
+comes back with a new one). On shutdown every open stream (kept in a ``WeakSet`` under an app key)
 gets a jittered ``retry:`` and ends, so the process exits at once and its clients spread over the
 other instances.
 """
@@ -22,15 +23,18 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import weakref
 
 from aiohttp import web
 
 from .api import _admit_waiter, _single, _task_id, _watch_filter
+from .auth import enforced_grant
 from .errors import BackendUnavailable
 from .feeds import BoardFeed, Event, TaskFeed
 from .hub import WATCH_KEY
 from .keys import BACKEND, CONFIG, HUB
+from .metrics import METRICS
 from .model import parse_counter, parse_cursor
 
 log = logging.getLogger(__name__)
@@ -97,31 +101,60 @@ async def _stream(request: web.Request, feed: TaskFeed | BoardFeed) -> web.Strea
     assert task is not None
     streams, stream = request.app[STREAMS], EventStream(task)
     streams.add(stream)
-    heartbeat = request.app[CONFIG].stream_heartbeat
-    hub = request.app[HUB]
     try:
-        # The first write sends the headers too: the client knows at once that it is connected.
-        await response.write(HEARTBEAT if first is None else _frame(first))
-        while True:
-            event = await feed.next(heartbeat)
-            if event is None and hub.closed:
-                break
-            await response.write(HEARTBEAT if event is None else _frame(event))
+        with request.app[METRICS].holding("sse"):
+            ending = await _pump(request, response, feed, first)
     except asyncio.CancelledError:
         if not stream.stopping:
             raise  # the client went away
         task.uncancel()
-    except BackendUnavailable as exc:
-        # A gap in the change stream could not be filled: end here; the client resumes from its
-        # last event once the store is back.
-        log.warning("event stream ended: %s", exc)
-        return response
+        ending = _retry_hint()
     finally:
         streams.discard(stream)
-    # Shutting down: the client comes back after a jittered pause, to another instance.
-    with contextlib.suppress(ConnectionError):
-        await response.write(f"retry: {random.randint(1000, 3000)}\n\n".encode())
+    if ending:
+        with contextlib.suppress(ConnectionError):
+            await response.write(ending)
     return response
+
+
+async def _pump(
+    request: web.Request,
+    response: web.StreamResponse,
+    feed: TaskFeed | BoardFeed,
+    first: Event | None,
+) -> bytes:
+    """Write events, and heartbeats in between, until the stream ends; what to end it with."""
+    config, hub, metrics = request.app[CONFIG], request.app[HUB], request.app[METRICS]
+    grant = enforced_grant(request, config)
+    valid_until = None if grant is None else grant.valid_until
+    # The first write sends the headers too: the client knows at once that it is connected.
+    await response.write(HEARTBEAT if first is None else _frame(first))
+    while True:
+        hold = config.stream_heartbeat
+        if valid_until is not None:
+            hold = min(hold, valid_until - time.time())
+            if hold <= 0:  # the client comes back with a new token, or gets its 401
+                return b": token expired\n\n"
+        try:
+            event = await feed.next(hold)
+        except BackendUnavailable as exc:
+            # A gap in the change stream could not be filled: end here; the client resumes from
+            # its last event once the store is back.
+            log.warning("event stream ended: %s", exc)
+            return b""
+        if event is None:
+            if hub.closed:
+                return _retry_hint()
+            await response.write(HEARTBEAT)
+            continue
+        if event.change is not None:
+            metrics.delivered("sse", event.change)
+        await response.write(_frame(event))
+
+
+def _retry_hint() -> bytes:
+    """Shutting down: the client comes back after a jittered pause, to another instance."""
+    return f"retry: {random.randint(1000, 3000)}\n\n".encode()
 
 
 def _frame(event: Event) -> bytes:

@@ -23,6 +23,7 @@ def _page_context(request: web.Request) -> dict[str, Any]:
         "instance_id": config.instance_id,
         "default_task": DEFAULT_TASK,
         "poll_timeout": config.poll_timeout,
+        "stream_heartbeat": config.stream_heartbeat,  # SSE and WebSocket clients (transports.js)
         # A snapshot lists only tasks ever written; the board still shows "default" first, as the
         # model defines a task never written (so the script does not restate that rule).
         "default_state": initial_state(DEFAULT_TASK, config.statuses).to_dict(),

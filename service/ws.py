@@ -9,6 +9,7 @@
 
 and the server answers with::
 
+    {"hello": {"instance": "app-1"}}           first, once: the instance serving the socket
     {"state": {...}}                           the task's state: at once if the client was behind
                                                (another version, or none), then every change
     {"board": {"cursor", "reset", "tasks"}}    a watch batch: a snapshot (reset), the catch-up
@@ -22,7 +23,9 @@ and the server answers with::
 Each subscription is a feed (``feeds.py``) on its own waiter chain in the hub; subscribing again
 replaces it (and catches up again). Subscriptions count against the held-poll cap, and a token
 that covers some tasks only may subscribe to those only. aiohttp pings every ``STREAM_HEARTBEAT``
-seconds and drops a client that does not answer. On shutdown every open socket (kept in a
+seconds and drops a client that does not answer. A browser, which cannot set headers on a
+WebSocket, offers its token as the subprotocol ``bearer.<token>`` beside ``taskstatus`` (auth.py);
+the socket closes with 1008 when that token expires. On shutdown every open socket (kept in a
 ``WeakSet`` under an app key) is closed with 1001 "going away".
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -38,11 +42,12 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .api import MAX_WATCH_TASKS, _admit_waiter
-from .auth import GRANT, READ_SCOPE, Access, check_grant
+from .auth import READ_SCOPE, Access, check_grant, enforced_grant
 from .errors import ApiError, BackendUnavailable, bad_request
 from .feeds import BoardFeed, TaskFeed
 from .hub import WATCH_KEY, Waiter
 from .keys import BACKEND, CONFIG, HUB
+from .metrics import METRICS
 from .model import MAX_COUNTER, parse_cursor, validate_task_id
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,7 @@ MAX_MESSAGE_BYTES = 16 * 1024  # a board subscription of 100 ids of 64 character
 MAX_SUBSCRIPTIONS = MAX_WATCH_TASKS  # per connection, a board counting as one
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the client's close frame
 IDLE_HOLD = 3600.0  # a subscription's wait between changes; aiohttp's pings keep it alive
+SUBPROTOCOL = "taskstatus"
 
 # A subscription: ("task", id) or ("board", "").
 Target = tuple[str, str]
@@ -137,18 +143,18 @@ class Connection:
 
     def _check_grant(self, tasks: frozenset[str] | None) -> None:
         """The token's task limits, per subscription (the socket itself needs tasks:read)."""
-        config = self._request.app[CONFIG]
-        grant = self._request.get(GRANT)
-        if grant is not None and config.auth_enabled and not config.auth_public_reads:
+        grant = enforced_grant(self._request, self._request.app[CONFIG])
+        if grant is not None:
             check_grant(grant, Access(READ_SCOPE, tasks))
 
     # --- what the server sends ----------------------------------------------------------------
 
     async def _follow(self, target: Target, key: str, make_feed: Callable[[Waiter], Feed]) -> None:
-        hub = self._request.app[HUB]
+        hub, metrics = self._request.app[HUB], self._request.app[METRICS]
         wrap = b'{"state": ' if target[0] == "task" else b'{"board": '
         try:
-            with hub.waiting(key) as waiter:  # before the catch-up: no change falls between
+            # The waiter first, then the catch-up: no change falls between.
+            with metrics.holding("ws"), hub.waiting(key) as waiter:
                 feed = make_feed(waiter)
                 first = await feed.catch_up()
                 if first is not None:
@@ -157,6 +163,8 @@ class Connection:
                 while True:
                     event = await feed.next(IDLE_HOLD)
                     if event is not None:
+                        if event.change is not None:
+                            metrics.delivered("ws", event.change)
                         await self._send(wrap + event.body + b"}")
                     elif hub.closed:
                         return
@@ -243,10 +251,12 @@ SOCKETS = web.AppKey("ws_connections", weakref.WeakSet[Connection])
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
     ws = web.WebSocketResponse(
-        heartbeat=request.app[CONFIG].stream_heartbeat,
+        heartbeat=config.stream_heartbeat,
         max_msg_size=MAX_MESSAGE_BYTES,
         timeout=CLOSE_TIMEOUT,
+        protocols=(SUBPROTOCOL,),  # chosen when offered (a browser's token comes beside it)
     )
     if not ws.can_prepare(request).ok:
         raise bad_request(
@@ -259,7 +269,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     connection = Connection(request, ws)
     sockets = request.app[SOCKETS]
     sockets.add(connection)
+    grant = enforced_grant(request, config)
+    expiry = None
+    if grant is not None and grant.valid_until is not None:
+        expiry = asyncio.create_task(_close_when_expired(ws, grant.valid_until))
     try:
+        await connection.send_json({"hello": {"instance": config.instance_id}})
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 await connection.receive(message.data)
@@ -269,9 +284,17 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     except ConnectionError:
         pass  # gone while we answered it
     finally:
+        if expiry is not None:
+            expiry.cancel()
         sockets.discard(connection)
         await connection.close()
     return ws
+
+
+async def _close_when_expired(ws: web.WebSocketResponse, valid_until: float) -> None:
+    """The token the socket was opened with expires: close it (the client needs a new one)."""
+    await asyncio.sleep(max(0.0, valid_until - time.time()))
+    await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"token expired")
 
 
 async def close_sockets(app: web.Application) -> None:

@@ -200,6 +200,32 @@ async def test_one_change_reaches_every_stream_with_one_serialization(client: Cl
         assert hub.serializations - before == 2  # one task body, one watch body
 
 
+async def metric(client: Client, name: str) -> float:
+    """One sample of the instance's /metrics, e.g. ``taskstatus_held_polls{transport="sse"}``."""
+    text = await (await client.get("/metrics")).text()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]
+    assert len(values) == 1, (name, values)
+    return values[0]
+
+
+async def test_open_streams_and_their_deliveries_show_in_the_metrics(client: Client) -> None:
+    held, delays = 'taskstatus_held_polls{transport="sse"}', "taskstatus_notify_delay_seconds"
+    async with (
+        stream(client, "/api/tasks/m/events?since=0") as task_events,
+        stream(client, "/api/events") as board_events,
+    ):
+        await board_events.event()
+        await wait_for_waiters(client, 2)
+        assert await metric(client, held) == 2
+        await put(client, "m", status="completed")
+        await task_events.event()
+        await board_events.event()
+        # Two deliveries of one change (the catch-ups were no deliveries).
+        assert await metric(client, f'{delays}_count{{transport="sse"}}') == 2
+    await wait_for_waiters(client, 0)
+    assert await metric(client, held) == 0
+
+
 # --- a board's stream -------------------------------------------------------------------------
 
 
@@ -368,6 +394,23 @@ async def test_streams_need_a_read_token_and_stay_within_its_tasks(
     ):
         assert (await task_events.event()).data["task"] == "job-1"
         assert (await board_events.event()).data["reset"] is True
+
+
+async def test_stream_ends_when_its_token_expires_and_the_reconnect_gets_a_401(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(auth_secret=SECRET)
+    # Expired 9 s ago: still accepted for the 10 s of leeway, so valid for about a second more.
+    claims = {"aud": "taskstatus", "exp": int(time.time()) - 9, "scope": "tasks:read"}
+    expiring = {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
+    async with stream(client, "/api/tasks/exp/events", expiring) as events:
+        await events.event()
+        blocks = await events.rest(timeout=4)
+        assert blocks[-1].comments == ["token expired"]
+    await wait_for_waiters(client, 0)
+    again = await client.get("/api/tasks/exp/events", headers=expiring)
+    assert again.status == 401
+    assert (await again.json())["error"]["code"] == "token_expired"
 
 
 # --- a real process: SIGTERM ------------------------------------------------------------------

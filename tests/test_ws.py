@@ -24,16 +24,21 @@ import pytest
 from deploy.cluster import Cluster, Instance, running_cluster
 from service.ws import MAX_SUBSCRIPTIONS
 
-from .conftest import Client, ClientFactory, hub_of, put, wait_for_waiters
+from .conftest import INSTANCE_ID, Client, ClientFactory, hub_of, put, wait_for_waiters
+from .test_sse import metric
 
 RECEIVE_DEADLINE = 5.0
 Socket = aiohttp.ClientWebSocketResponse
 
 
 @asynccontextmanager
-async def socket(client: Client, headers: dict[str, str] | None = None) -> AsyncIterator[Socket]:
-    ws = await client.ws_connect("/api/ws", headers=headers)
+async def socket(
+    client: Client, headers: dict[str, str] | None = None, protocols: tuple[str, ...] = ()
+) -> AsyncIterator[Socket]:
+    """A connected socket, past the server's hello (which names the instance)."""
+    ws = await client.ws_connect("/api/ws", headers=headers, protocols=protocols)
     try:
+        assert await receive(ws) == {"hello": {"instance": INSTANCE_ID}}
         yield ws
     finally:
         await ws.close()
@@ -188,6 +193,21 @@ async def test_one_change_is_serialized_once_for_every_socket_it_reaches(client:
             assert [m["state"] for m in got if "state" in m] == [state]
             assert [m["board"]["tasks"] for m in got if "board" in m] == [[state]]
         assert hub.serializations - before == 2
+
+
+async def test_subscriptions_and_their_deliveries_show_in_the_metrics(client: Client) -> None:
+    held = 'taskstatus_held_polls{transport="ws"}'
+    delivered = 'taskstatus_notify_delay_seconds_count{transport="ws"}'
+    async with socket(client) as ws:
+        await subscribe(ws, task="m", version=0)
+        await subscribe(ws, board=True)
+        assert await metric(client, held) == 2
+        state = await put(client, "m", status="completed")
+        got = [await receive(ws), await receive(ws)]
+        assert {"state": state} in got
+        assert await metric(client, delivered) == 2
+    await wait_for_waiters(client, 0)
+    assert await metric(client, held) == 0
 
 
 # --- bad messages -----------------------------------------------------------------------------
@@ -353,7 +373,7 @@ async def test_a_client_that_answers_pings_stays_connected(make_client: ClientFa
                 await ws.pong(message.data)
                 pings += 1
             else:
-                assert json.loads(message.data) == {"subscribed": {"task": "chatty"}}
+                assert next(iter(json.loads(message.data))) in ("hello", "subscribed")
         assert hub_of(client).waiting_total == 1
         state = await put(client, "chatty", status="completed")
         message = await ws.receive(timeout=2)
@@ -394,6 +414,50 @@ async def test_socket_needs_a_read_token_and_subscriptions_stay_within_its_tasks
         assert (await subscribe(ws, task="job-1"))[-1] == {"subscribed": {"task": "job-1"}}
         snapshot, _ = await subscribe(ws, board=True, tasks=["job-1", "job-2"])
         assert snapshot["board"]["reset"] is True
+
+
+def raw_token(**claims: Any) -> str:
+    base = {"aud": "taskstatus", "exp": int(time.time()) + 300, "scope": "tasks:read"}
+    return jwt.encode({**base, **claims}, SECRET, algorithm="HS256")
+
+
+async def test_browser_offers_its_token_as_a_subprotocol_and_gets_taskstatus_back(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(auth_secret=SECRET)
+    offered = ("taskstatus", f"bearer.{raw_token(tasks=['job-*'])}")
+    async with socket(client, protocols=offered) as ws:
+        assert ws.protocol == "taskstatus"
+        assert (await subscribe(ws, task="job-1"))[-1] == {"subscribed": {"task": "job-1"}}
+        await send(ws, {"subscribe": {"task": "other"}})
+        assert (await receive(ws))["error"]["code"] == "task_not_allowed"
+    for protocols, status in (
+        (("taskstatus",), 401),
+        (("taskstatus", "bearer.not-a-jwt"), 401),
+        (("taskstatus", f"bearer.{raw_token(scope='tasks:write')}"), 403),
+    ):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect("/api/ws", protocols=protocols)
+        assert refused.value.status == status
+    # Only a WebSocket handshake takes its token from there.
+    headers = {"Sec-WebSocket-Protocol": f"taskstatus, bearer.{raw_token()}"}
+    assert (await client.get("/api/tasks/job-1", headers=headers)).status == 401
+
+
+async def test_socket_closes_with_1008_when_its_token_expires(make_client: ClientFactory) -> None:
+    client = await make_client(auth_secret=SECRET)
+    # Expired 9 s ago: still accepted for the 10 s of leeway, so valid for about a second more.
+    expiring = {"Authorization": f"Bearer {raw_token(exp=int(time.time()) - 9)}"}
+    async with socket(client, expiring) as ws:
+        await subscribe(ws, task="t", version=0)
+        closing = await ws.receive(timeout=RECEIVE_DEADLINE)
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+        assert closing.extra == "token expired"
+    await wait_for_waiters(client, 0)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/api/ws", headers=expiring)
+    assert refused.value.status == 401
 
 
 # --- a real process: SIGTERM ------------------------------------------------------------------
@@ -444,12 +508,15 @@ async def test_sockets_through_nginx_follow_writes_made_on_any_instance(cluster:
     async with aiohttp.ClientSession() as session:
         sockets = [await session.ws_connect(f"{cluster.url}/api/ws") for _ in range(3)]
         try:
+            served = {(await receive(ws))["hello"]["instance"] for ws in sockets}
+            assert served <= {app.instance_id for app in cluster.instances}
+            assert len(served) > 1, f"every socket served by {served}"
             for ws in sockets:
                 assert await subscribe(ws, task=task_id, version=0) == [
                     {"subscribed": {"task": task_id}}
                 ]
             held = [await held_polls(session, app.url) for app in cluster.instances]
-            assert sum(held) == 3 and max(held) < 3, held  # spread over the instances
+            assert sum(held) == 3, held
             for progress in (10, 20, 30):
                 # A plain request beside the upgraded ones, on a kept-alive upstream connection.
                 url = f"{cluster.url}/api/tasks/{task_id}"

@@ -1,9 +1,11 @@
 // Page wiring: reads the config the server put in data- attributes, starts one long poll for the
-// tab, and turns the user's actions (status selector, create form) into PUTs.
+// tab (or a stream: ?transport=sse|ws), and turns the user's actions (status selector, create
+// form) into PUTs.
 import { TokenPanel, authHeaders, isRefusal, refusalText, takeTokenFromAddress } from "./auth.js";
 import { Board } from "./board.js";
 import { HistoryList } from "./history.js";
 import { SharedPoll } from "./leader.js";
+import { TRANSPORT_NAMES, chosenTransport, createStream } from "./transports.js";
 
 // Before any request: a token in the address is taken into this tab and out of the address.
 takeTokenFromAddress();
@@ -14,6 +16,8 @@ const config = {
   taskId: app.dataset.taskId ?? null,
   holdSeconds: Number(app.dataset.pollTimeout),
   defaultState: JSON.parse(app.dataset.defaultState),
+  streamHeartbeat: Number(app.dataset.streamHeartbeat),
+  transport: chosenTransport(), // ?transport=longpoll|sse|ws; long polling by default
 };
 
 const connection = document.getElementById("connection");
@@ -204,20 +208,38 @@ function taskSource(id) {
 
 // Tabs of this browser that show the same thing share one request: one tab polls, the others
 // follow it (leader.js).
-const poll = new SharedPoll({
-  group: config.page === "task" ? `task:${config.taskId}` : "board",
-  onRole(role) {
-    connection.dataset.poll = role;
-  },
-  source: config.page === "task" ? taskSource(config.taskId) : boardSource(),
-  holdSeconds: config.holdSeconds,
+const source = config.page === "task" ? taskSource(config.taskId) : boardSource();
+const callbacks = {
   onState: showConnection,
   onServedBy: showServedBy,
   headers: authHeaders,
   onRefused(status, body) {
     if (isRefusal(status)) tokenPanel.showRefusal(status, body);
   },
-});
+};
+// With ?transport=sse or ws the tab follows over a stream of its own (transports.js), whose
+// messages are the long poll's answers; the interface (start, restart, stop) is the same.
+const poll =
+  config.transport === "longpoll"
+    ? new SharedPoll({
+        group: config.page === "task" ? `task:${config.taskId}` : "board",
+        onRole(role) {
+          connection.dataset.poll = role;
+        },
+        source,
+        holdSeconds: config.holdSeconds,
+        ...callbacks,
+      })
+    : createStream(config.transport, {
+        target: config.page === "task" ? { task: config.taskId } : { board: true },
+        accept: (body) => source.accept(body),
+        heartbeatSeconds: config.streamHeartbeat,
+        ...callbacks,
+      });
+const transportShown = document.getElementById("transport");
+transportShown.dataset.transport = config.transport;
+transportShown.textContent = TRANSPORT_NAMES[config.transport];
+transportShown.parentElement.hidden = false;
 
 // A new token (typed, forgotten, or brought by the address): ask again with it, from a snapshot.
 const tokenPanel = new TokenPanel({ onChange: () => poll.restart() });
