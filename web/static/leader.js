@@ -14,9 +14,10 @@
 // its lock stolen by the asking tab; when the old leader runs again, its lock request fails with an
 // AbortError and it becomes a follower ("abdicate").
 //
-// Each leadership has a term, one more than the highest the tab has seen, and every message of a
-// leader carries it. Followers follow the highest term and take news only from its leader, so what
-// a deposed leader still sends before it learns it was deposed is ignored.
+// Each leadership has a term: the time it began (or one more than the newest term the tab has seen,
+// if later), so a later leadership has a higher term even when its tab saw none before. Every
+// message of a leader carries it; followers follow the highest term and take news only from its
+// leader, so what a deposed leader still sends before it learns it was deposed is ignored.
 //
 // Without Web Locks, BroadcastChannel or crypto.subtle (Web Locks need a secure context: https, or
 // http on localhost), every tab polls on its own, as before.
@@ -167,7 +168,7 @@ export class SharedPoll {
     this.waiting = null;
     this.held = ticket;
     this.leaderId = this.id;
-    this.term += 1;
+    this.term = Math.max(Date.now(), this.term + 1);
     ticket.term = this.term;
     this.onRole("leader");
     this.#post({ type: "lead" });
