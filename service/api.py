@@ -273,7 +273,13 @@ async def _read_json_body(request: web.Request) -> bytes:
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ApiError(413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
-    return await request.read()  # the app's client_max_size stops longer chunked bodies (413)
+    try:
+        # Bounded: a body that stops arriving (or a broken chunked encoding, which aiohttp's
+        # parser can leave unanswered) must not hold the request forever.
+        async with asyncio.timeout(request.app[CONFIG].body_read_timeout):
+            return await request.read()  # client_max_size stops longer chunked bodies (413)
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", "the body did not arrive in time") from None
 
 
 async def _write(request: web.Request, task_id: str) -> web.Response:

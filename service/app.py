@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .api import MAX_BODY_BYTES, setup_api_routes
 from .auth import setup_auth
@@ -110,12 +111,25 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
+def quiet_bad_requests(record: logging.LogRecord) -> bool:
+    """Log filter: a client's malformed HTTP becomes one DEBUG line, not an ERROR traceback."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError) and record.levelno >= logging.ERROR:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args, record.exc_info = "bad request from a client: %s", (error,), None
+        return logging.getLogger("aiohttp.server").isEnabledFor(logging.DEBUG)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(argv)
     logging.basicConfig(
         level=config.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [{config.instance_id}] %(name)s: %(message)s",
     )
+    # A malformed request is answered 400 by aiohttp's parser before any handler runs; aiohttp
+    # logs each with a traceback at ERROR, which would let any client flood the logs.
+    logging.getLogger("aiohttp.server").addFilter(quiet_bad_requests)
     log.info(
         "instance %s on http://%s:%d, backend %s",
         config.instance_id,

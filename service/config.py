@@ -42,6 +42,7 @@ class Config:
     max_tasks: int = 100000  # past it, a write that would create a task gets 507
     history_length: int = DEFAULT_HISTORY_LENGTH  # changes kept per task; 0: no history
     event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
+    body_read_timeout: float = 10.0  # seconds for a write's whole body to arrive, else 408
     # Authentication (auth.py): off unless a secret (HS256) or a public key file (RS256/ES256).
     auth_secret: str = field(default="", repr=False)  # never in logs or tracebacks
     auth_public_key_file: str = ""
@@ -185,6 +186,11 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         help="changes kept per task for GET /api/tasks/{id}/history; 0: none",
     )
     _add_security_arguments(parser, env, d)
+    parser.add_argument(
+        "--body-read-timeout",
+        type=float,
+        default=env.get("BODY_READ_TIMEOUT", str(d.body_read_timeout)),
+    )
     parser.add_argument(
         "--event-loop",
         choices=("auto", "uvloop", "asyncio"),

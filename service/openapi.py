@@ -142,6 +142,7 @@ def _write(operation_id: str, summary: str, task_id: bool) -> Schema:
             "409": _response(
                 "expected_version is not the current version: nothing changed", _ref("Conflict")
             ),
+            "408": _error("The body did not arrive in time"),
             "413": _error(f"The body is over {MAX_BODY_BYTES} bytes"),
             "415": _error("The body is not sent as application/json"),
             "503": UNAVAILABLE,
