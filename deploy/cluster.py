@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -39,6 +39,10 @@ def find_program(name: str) -> str:
     if not found:
         raise RuntimeError(f"{name} not found: run `make system-packages` (apt-get install {name})")
     return found
+
+
+# Generous: on a loaded 2-core machine a Python process can take several seconds to start.
+STARTUP_TIMEOUT = 30.0
 
 
 def wait_until(check: object, what: str, timeout: float = 15.0) -> None:
@@ -151,6 +155,14 @@ class Managed:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def await_start(self, up: Callable[[], bool], what: str) -> None:
+        """Wait until ``up()``; a start that fails or times out leaves no process or open log."""
+        try:
+            wait_until(up, what, STARTUP_TIMEOUT)
+        except BaseException:
+            self.kill()
+            raise
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -186,7 +198,7 @@ class RedisServer(Managed):
                 raise RuntimeError(f"redis-server exited:\n{self.log_text()[-3000:]}")
             return self.ping()
 
-        wait_until(up, f"redis-server on port {self.port}")
+        self.await_start(up, f"redis-server on port {self.port}")
 
     def ping(self) -> bool:
         try:
@@ -244,7 +256,7 @@ class Instance(Managed):
                 raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
             return http_status(self.port, probe) == 200
 
-        wait_until(up, f"{self.name} {probe}")
+        self.await_start(up, f"{self.name} {probe}")
 
 
 class Nginx(Managed):
@@ -284,7 +296,7 @@ class Nginx(Managed):
                 raise RuntimeError(f"nginx exited:\n{self.log_text()[-3000:]}")
             return port_open(self.port)
 
-        wait_until(up, f"nginx on port {self.port}")
+        self.await_start(up, f"nginx on port {self.port}")
 
     def workers(self) -> dict[int, str]:
         """This nginx's worker processes: pid -> title ("nginx: worker process", or "... is
