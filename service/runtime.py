@@ -4,21 +4,25 @@ Both are measured in bench/ (``make bench``), not asserted in tests:
 
 - uvloop runs the event loop in C (libuv): accepting, reading and writing thousands of sockets
   costs less CPU than with the pure-Python selector loop;
-- the cyclic garbage collector's youngest generation is collected every 700 allocations by
-  default; a fan-out allocates a few objects per waiter, so 10,000 waiters would trigger it
-  thousands of times. Objects alive after startup are frozen out of its reach, and the threshold
-  is raised so it runs far less often during a burst. Long-lived cycles are still collected.
+- the cyclic garbage collector runs on allocation counts, so a fan-out to 10,000 waiters (a few
+  objects each, plus their re-polls) triggers it over and over in the middle of the burst, full
+  collections of every live connection's objects included: a third of the CPU of a fan-out, and
+  a write's answer queued behind it (bench/RESULTS.md: with it off, a write during a 10,000-poll
+  fan-out was acknowledged in 55 ms instead of 1,088 ms). So in the server the collector does not
+  run on allocations; it runs on a clock instead: the young generations every second (cheap:
+  only what was allocated since), everything every few minutes. Objects alive after startup are
+  frozen out of its reach. Cycles are still collected, just not in the middle of a burst.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+from collections.abc import AsyncIterator
 
 log = logging.getLogger(__name__)
-
-GC_GEN0_THRESHOLD = 50_000
 
 
 def install_event_loop(choice: str) -> str:
@@ -35,8 +39,31 @@ def install_event_loop(choice: str) -> str:
     return "uvloop"
 
 
-def tune_gc() -> None:
+def freeze_startup_objects() -> None:
     gc.collect()
     gc.freeze()  # what startup built lives as long as the process: never scan it again
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+YOUNG_EVERY = 1.0  # seconds between collections of generations 0 and 1
+FULL_EVERY = 300  # young collections between full ones (5 minutes)
+
+
+async def scheduled_gc_ctx(app: object) -> AsyncIterator[None]:
+    """cleanup_ctx of the server process: the collector runs on a clock, not on allocations."""
+    gc.disable()
+
+    async def collect() -> None:
+        rounds = 0
+        while True:
+            await asyncio.sleep(YOUNG_EVERY)
+            rounds += 1
+            gc.collect(2 if rounds % FULL_EVERY == 0 else 1)
+
+    task = asyncio.create_task(collect(), name="scheduled-gc")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        gc.enable()
