@@ -41,6 +41,7 @@ class Config:
     max_held_polls: int = 20000  # past it, new polls and watches get 503 + Retry-After
     max_tasks: int = 100000  # past it, a write that would create a task gets 507
     history_length: int = DEFAULT_HISTORY_LENGTH  # changes kept per task; 0: no history
+    stats_interval: float = 1.0  # seconds between this instance's dashboard records; 0: none
     event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
     body_read_timeout: float = 10.0  # seconds for a write's whole body to arrive, else 408
     # Authentication (auth.py): off unless a secret (HS256) or a public key file (RS256/ES256).
@@ -73,6 +74,8 @@ class Config:
             raise ValueError("MAX_HELD_POLLS and MAX_TASKS must be at least 1")
         if not 0 <= self.history_length <= MAX_HISTORY_LENGTH:
             raise ValueError(f"HISTORY_LENGTH must be between 0 and {MAX_HISTORY_LENGTH}")
+        if self.stats_interval != 0 and not 0.1 <= self.stats_interval <= 60:
+            raise ValueError("STATS_INTERVAL must be 0 or between 0.1 and 60 seconds")
         self._check_security_settings()
         if not self.instance_id:
             object.__setattr__(self, "instance_id", f"{socket.gethostname()}:{self.port}")
@@ -184,6 +187,12 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         type=int,
         default=env.get("HISTORY_LENGTH", str(d.history_length)),
         help="changes kept per task for GET /api/tasks/{id}/history; 0: none",
+    )
+    parser.add_argument(
+        "--stats-interval",
+        type=float,
+        default=env.get("STATS_INTERVAL", str(d.stats_interval)),
+        help="seconds between this instance's records for the dashboard; 0: share none",
     )
     _add_security_arguments(parser, env, d)
     parser.add_argument(

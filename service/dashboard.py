@@ -1,11 +1,12 @@
 """The live dashboard's data: every instance's figures, shared through the store once a second.
 
-Every ``STATS_INTERVAL`` an instance stores a small record of its own figures (requests held,
-writes/s, p50/p99 notify delay over the last ``DELAY_WINDOW`` seconds, ready or not) that expires
-after ``STATS_TTL``, and in the same call reads back the record of every live instance
-(``Backend.share_stats``: one Lua script on Redis; the embedded backend knows only itself). An
-instance that stops sharing (killed, hung, cut off from Redis) shows as down once its record is
-``STALE_AFTER`` old and is gone when the record expires; one stopped gracefully withdraws it.
+Every ``STATS_INTERVAL`` (a tick, 1 s by default) an instance stores a small record of its own
+figures (requests held, writes/s, p50/p99 notify delay over the last ``DELAY_WINDOW`` ticks, ready
+or not) that expires after ``TTL_TICKS``, and in the same call reads back the record of every live
+instance (``Backend.share_stats``: one Lua script on Redis; the embedded backend knows only
+itself). An instance that stops sharing (killed, hung, cut off from Redis) shows as down once its
+record is ``STALE_TICKS`` old and is gone when the record expires; one stopped gracefully
+withdraws it. ``STATS_INTERVAL=0`` shares nothing: the view stays the one of startup.
 
 Each tick makes a new view of the cluster and a sample of its totals (the last ``HISTORY`` kept).
 ``GET /api/cluster/watch?since=T`` is a long poll on them, like a task poll: ``T`` is the time
@@ -42,11 +43,10 @@ from .model import parse_counter
 log = logging.getLogger(__name__)
 
 CLUSTER_WATCH_PATH: Final = "/api/cluster/watch"
-STATS_INTERVAL: Final = 1.0  # seconds between two records of an instance
-STATS_TTL: Final = 3.0  # seconds a record lives in the store unless renewed
-STALE_AFTER: Final = 2.0  # seconds without a record before an instance shows as down
-DELAY_WINDOW: Final = 10  # ticks (seconds) the notify delay percentiles cover
-HISTORY: Final = 300  # samples kept: five minutes
+TTL_TICKS: Final = 3  # a record lives this many ticks unless renewed
+STALE_TICKS: Final = 2  # an instance silent this many ticks shows as down
+DELAY_WINDOW: Final = 10  # ticks the notify delay percentiles cover
+HISTORY: Final = 300  # samples kept: five minutes at one a second
 # A `since` this far past the newest sample is not from a clock close to ours: start afresh.
 FUTURE_TOLERANCE_MS: Final = 5_000
 MAX_WATCHERS: Final = 1_000  # dashboards held at once per instance; past it, 503
@@ -105,6 +105,9 @@ class Dashboard:
         self._hub = hub
         self._backend = backend
         self._metrics = metrics
+        self.interval = config.stats_interval  # seconds between ticks; 0: no ticks
+        self.ttl = TTL_TICKS * self.interval
+        self.stale_after = STALE_TICKS * self.interval
         self._samples: deque[Sample] = deque(maxlen=HISTORY)
         self._instances: list[dict[str, Any]] = []
         self._store_reachable = True
@@ -137,7 +140,7 @@ class Dashboard:
         """Share this instance's record, read everyone's, and wake the dashboards."""
         own = self.own_stats()
         try:
-            shared = await self._backend.share_stats(own.instance, own.to_json(), STATS_TTL)
+            shared = await self._backend.share_stats(own.instance, own.to_json(), self.ttl)
         except BackendUnavailable:
             self._show([(own, 0.0)], store_reachable=False)
             return
@@ -156,7 +159,7 @@ class Dashboard:
     def _show(self, records: list[tuple[InstanceStats, float]], *, store_reachable: bool) -> None:
         rows = []
         for stats, age in sorted(records, key=lambda record: record[0].instance):
-            state = "down" if age >= STALE_AFTER else "up" if stats.ready else "not_ready"
+            state = "down" if age >= self.stale_after else "up" if stats.ready else "not_ready"
             rows.append({**asdict(stats), "state": state, "age_ms": round(age * 1000)})
         fresh = [row for row in rows if row["state"] != "down"]
         newest = self._samples[-1].t if self._samples else 0
@@ -174,7 +177,7 @@ class Dashboard:
             self._next = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Tick every ``STATS_INTERVAL`` until ``stop`` is set; a failed tick is logged, never
+        """Tick every ``interval`` seconds until ``stop`` is set; a failed tick is logged, never
         fatal. A tick under way finishes first: no store call is left behind half done."""
         loop = asyncio.get_running_loop()
         due = loop.time()
@@ -183,7 +186,7 @@ class Dashboard:
                 await self.tick()
             except Exception:
                 log.exception("dashboard stats tick failed")
-            due = max(due + STATS_INTERVAL, loop.time())
+            due = max(due + self.interval, loop.time())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(due):
                     await stop.wait()
@@ -282,6 +285,9 @@ async def dashboard_ctx(app: web.Application) -> AsyncIterator[None]:
     """Tick from startup (after the backend started) to cleanup, then withdraw the record."""
     dashboard = app[DASHBOARD]
     dashboard.begin()
+    if not dashboard.interval:
+        yield
+        return
     stop = asyncio.Event()
     task = asyncio.create_task(dashboard.run(stop), name="dashboard-stats")
     yield

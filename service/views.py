@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from .dashboard import DELAY_WINDOW, HISTORY, STALE_AFTER, STATS_INTERVAL, STATS_TTL
+from .dashboard import DASHBOARD, DELAY_WINDOW, HISTORY
 from .keys import CONFIG
 from .model import DEFAULT_TASK, initial_state, validate_task_id
 
@@ -44,13 +44,15 @@ async def task_page(request: web.Request) -> dict[str, Any]:
 @aiohttp_jinja2.template("dashboard.html")
 async def dashboard(request: web.Request) -> dict[str, Any]:
     """The whole cluster, live: the script follows GET /api/cluster/watch (dashboard.py)."""
+    figures = request.app[DASHBOARD]
+    tick = figures.interval or 1.0  # 0: nothing is shared; the page still needs a time scale
     return {
         **_page_context(request),
-        "stats_interval": STATS_INTERVAL,
-        "stale_after": STALE_AFTER,
-        "stats_ttl": STATS_TTL,
-        "delay_window": DELAY_WINDOW,
-        "history_seconds": HISTORY * STATS_INTERVAL,
+        "stats_interval": figures.interval,
+        "stale_after": figures.stale_after,
+        "stats_ttl": figures.ttl,
+        "delay_window": DELAY_WINDOW * tick,
+        "history_seconds": HISTORY * tick,
     }
 
 

@@ -24,11 +24,15 @@ from pytest_aiohttp import AiohttpClient
 from deploy.cluster import Cluster, Instance, RedisServer, running_cluster
 from service.app import create_app
 from service.config import Config
-from service.dashboard import CLUSTER_WATCH_PATH, STALE_AFTER, STATS_INTERVAL, STATS_TTL
+from service.dashboard import CLUSTER_WATCH_PATH, STALE_TICKS, TTL_TICKS
 from tests.browser import browser_fixture, go_live, new_tab, screenshot  # noqa: F401
 
 from .conftest import INSTANCE_ID, Client, ClientFactory, put, wait_for_waiters
 
+# The defaults, which every test here runs with.
+STATS_INTERVAL = Config().stats_interval
+STATS_TTL = TTL_TICKS * STATS_INTERVAL
+STALE_AFTER = STALE_TICKS * STATS_INTERVAL
 # How long the cluster view may take to show a change: the next tick of the instance that
 # answers, plus the tick of the instance whose record changed.
 VIEW_DELAY = 2 * STATS_INTERVAL + 1.0
@@ -140,6 +144,20 @@ async def test_held_polls_writes_and_notify_delay_reach_the_view(client: Client)
     # Three writes within the last tick or two: the rate of one of them shows them.
     rates = [s["writes_per_second"] for s in body["samples"]]
     assert max(rates) > 0
+
+
+async def test_with_no_stats_interval_nothing_is_shared_and_the_view_stays(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(stats_interval=0)
+    body = await view(client)
+    assert [r["instance"] for r in body["instances"]] == [INSTANCE_ID]
+    response = await client.get(f"{CLUSTER_WATCH_PATH}?since={body['cursor']}&timeout=2")
+    assert response.status == 204, "no tick, no new view"
+    page = await client.get("/dashboard")
+    assert "STATS_INTERVAL=0" in await page.text()
+    with pytest.raises(ValueError, match="STATS_INTERVAL"):
+        Config(stats_interval=0.01)
 
 
 async def test_the_page_and_the_cluster_watch_need_no_token(make_client: ClientFactory) -> None:
