@@ -99,7 +99,7 @@ def create_app(config: Config) -> web.Application:
     setup_page_routes(app)
     setup_dashboard(app)
     app.router.add_static("/static", WEB_DIR / "static")
-    setup_auth(app, config)  # middlewares run in this order: errors, auth, write rate limit
+    setup_auth(app, config)  # middlewares in order: metrics, errors, auth, write rate limit
     setup_rate_limit(app, config)
     setup_cors(app, config.cors_origins)  # after every route
     app.on_response_prepare.append(add_standard_headers)
