@@ -109,6 +109,8 @@ async def _stream(request: web.Request, feed: TaskFeed | BoardFeed) -> web.Strea
             raise  # the client went away
         task.uncancel()
         ending = _retry_hint()
+    except ConnectionError:
+        return response  # the client went away while we wrote to it
     finally:
         streams.discard(stream)
     if ending:

@@ -6,6 +6,7 @@
     {"subscribe": {"board": true, "cursor": "k3x9-17", "tasks": ["a", "b"]}}  both optional
     {"unsubscribe": {"task": "build-42"}}
     {"unsubscribe": {"board": true}}
+    {"ping": 17}                                            any JSON: answered {"pong": 17}
 
 and the server answers with::
 
@@ -32,6 +33,7 @@ the socket closes with 1008 when that token expires. On shutdown every open sock
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -57,6 +59,8 @@ MAX_SUBSCRIPTIONS = MAX_WATCH_TASKS  # per connection, a board counting as one
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the client's close frame
 IDLE_HOLD = 3600.0  # a subscription's wait between changes; aiohttp's pings keep it alive
 SUBPROTOCOL = "taskstatus"
+
+_INTERNAL_ERROR = ApiError(500, "internal_error", "internal server error")
 
 # A subscription: ("task", id) or ("board", "").
 Target = tuple[str, str]
@@ -85,6 +89,9 @@ class Connection:
         target: Target | None = None
         try:
             action, body = _parse_message(text)
+            if action == "ping":  # a client that wants to see the connection is alive
+                await self.send_json({"pong": body})
+                return
             target = _target(body)
             if action == "subscribe":
                 self._subscribe(target, body)
@@ -92,6 +99,10 @@ class Connection:
                 await self._unsubscribe(target)
         except ApiError as error:
             await self.send_json({**error.body(), **(_name(target) if target else {})})
+        except Exception:
+            # A bug, not the client's mistake: say so, keep the traceback, keep the socket.
+            log.exception("websocket message not handled: %.200s", text)
+            await self.send_json(_INTERNAL_ERROR.body())
 
     def _subscribe(self, target: Target, body: dict[str, Any]) -> None:
         app = self._request.app
@@ -173,9 +184,16 @@ class Connection:
             if self._subscriptions.get(target) is asyncio.current_task():
                 del self._subscriptions[target]
             error = ApiError(503, "backend_unavailable", f"the state store is unreachable ({exc})")
-            await self.send_json({**error.body(), **_name(target)})
+            with contextlib.suppress(ConnectionError):
+                await self.send_json({**error.body(), **_name(target)})
         except ConnectionError:
             pass  # the socket is gone; the handler cleans up
+        except Exception:
+            log.exception("websocket subscription %s failed", target)
+            if self._subscriptions.get(target) is asyncio.current_task():
+                del self._subscriptions[target]
+            with contextlib.suppress(ConnectionError):
+                await self.send_json({**_INTERNAL_ERROR.body(), **_name(target)})
 
     async def send_json(self, message: dict[str, Any]) -> None:
         await self._send(json.dumps(message).encode())
@@ -197,7 +215,7 @@ class Connection:
 # --- message parsing --------------------------------------------------------------------------
 
 
-def _parse_message(text: str) -> tuple[str, dict[str, Any]]:
+def _parse_message(text: str) -> tuple[str, Any]:
     try:
         message = json.loads(text)
     except (ValueError, RecursionError):
@@ -205,9 +223,9 @@ def _parse_message(text: str) -> tuple[str, dict[str, Any]]:
     if not isinstance(message, dict) or len(message) != 1:
         raise bad_request("invalid_message", 'send {"subscribe": {...}} or {"unsubscribe": {...}}')
     ((action, body),) = message.items()
-    if action not in ("subscribe", "unsubscribe"):
-        raise bad_request("unknown_action", "the action must be subscribe or unsubscribe")
-    if not isinstance(body, dict):
+    if action not in ("subscribe", "unsubscribe", "ping"):
+        raise bad_request("unknown_action", "the action must be subscribe, unsubscribe or ping")
+    if action != "ping" and not isinstance(body, dict):
         raise bad_request("invalid_message", f"{action} takes an object")
     return action, body
 

@@ -274,3 +274,63 @@ async def test_stream_with_the_tab_token_goes_live_and_without_one_asks_for_it(
         await anonymous.goto(f"{secured.url}/?transport=sse")
         await expect(anonymous.locator("#connection")).to_have_attribute("data-state", "error")
         await expect(anonymous.locator("#auth")).to_have_attribute("data-status", "401")
+
+
+# --- a quiet board stays connected ------------------------------------------------------------
+
+QUIET_HEARTBEAT = 0.3  # seconds: the client calls a connection dead after three quiet ones
+
+
+@pytest.fixture(scope="module")
+def quick_heartbeat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
+    instance = Instance(
+        tmp_path_factory.mktemp("transports-heartbeat"),
+        "transports-heartbeat",
+        extra_args=["--stream-heartbeat", str(QUIET_HEARTBEAT)],
+    )
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.mark.parametrize("transport", STREAMING)
+async def test_quiet_stream_stays_on_one_connection_over_many_heartbeats(
+    browser: Browser, quick_heartbeat: Instance, transport: str
+) -> None:
+    page = await new_tab(browser)
+    traffic = Traffic(page)
+    # What arrives on the tab's stream: chunks of the event stream, or text messages on the socket.
+    streams: set[str] = set()
+    arrivals: list[str] = []
+
+    def requested(event: dict[str, Any]) -> None:
+        if event["request"]["url"].split("?")[0].endswith("/api/events"):
+            streams.add(event["requestId"])
+
+    def chunk(event: dict[str, Any]) -> None:
+        if event["requestId"] in streams:
+            arrivals.append("chunk")
+
+    def frame(event: dict[str, Any]) -> None:
+        if event["response"]["opcode"] == 1:
+            arrivals.append(event["response"]["payloadData"])
+
+    cdp = await page.context.new_cdp_session(page)
+    cdp.on("Network.requestWillBeSent", requested)
+    cdp.on("Network.dataReceived", chunk)
+    cdp.on("Network.webSocketFrameReceived", frame)
+    await cdp.send("Network.enable")
+    await go_live(page, f"{quick_heartbeat.url}/?transport={transport}")
+    # Ten heartbeats (SSE comments, or pongs to the page's pings): over three times the silence
+    # after which the page would call the connection dead and open another.
+    deadline = time.monotonic() + 30
+    while len(arrivals) < 10:
+        assert time.monotonic() < deadline, arrivals
+        await asyncio.sleep(0.05)
+    assert await connection_states(page) == ["connecting", "live"]
+    if transport == "sse":
+        assert sum(path.endswith("/api/events") for path in traffic.paths) == 1, traffic.paths
+    else:
+        assert len(traffic.sockets) == 1
+    state = await put_task(quick_heartbeat.url, "quiet", status="completed")
+    await expect(task(page, "quiet", "version")).to_have_text(str(state["version"]))

@@ -21,10 +21,14 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from pytest_aiohttp import AiohttpClient
 
-from deploy.cluster import Cluster, Instance, running_cluster
+from deploy.cluster import Cluster, Instance, RedisServer, running_cluster
+from service.app import create_app
+from service.config import Config
+from service.keys import BACKEND
 
-from .conftest import Client, ClientFactory, hub_of, put, wait_for_waiters
+from .conftest import INSTANCE_ID, Client, ClientFactory, hub_of, put, wait_for_waiters, wait_until
 
 READ_DEADLINE = 5.0
 
@@ -411,6 +415,34 @@ async def test_stream_ends_when_its_token_expires_and_the_reconnect_gets_a_401(
     again = await client.get("/api/tasks/exp/events", headers=expiring)
     assert again.status == 401
     assert (await again.json())["error"]["code"] == "token_expired"
+
+
+# --- the store away ---------------------------------------------------------------------------
+
+
+async def test_stream_opened_while_redis_is_away_gets_a_503_and_works_once_it_is_back(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        config = Config(instance_id=INSTANCE_ID, redis_url=redis.url, redis_prefix="away:")
+        client = await aiohttp_client(create_app(config))
+        state = await put(client, "away", status="in_progress")
+        redis.stop()
+        for path in ("/api/tasks/away/events", "/api/events"):
+            refused = await client.get(path)
+            assert refused.status == 503, await refused.text()
+            assert (await refused.json())["error"]["code"] == "backend_unavailable"
+            assert refused.headers["Retry-After"]
+        assert hub_of(client).waiting_total == 0
+        redis.start()  # same port, empty: the epoch is new, a resumed board gets a snapshot
+        await wait_until(lambda: client.app[BACKEND].is_ready(), 15, "the backend to be ready")
+        async with stream(client, "/api/tasks/away/events", {"Last-Event-ID": "1"}) as events:
+            first = await events.event()  # the store lost it: the state as it is now
+            assert first.data["version"] == 0 and state["version"] == 1
+    finally:
+        redis.stop()
 
 
 # --- a real process: SIGTERM ------------------------------------------------------------------

@@ -20,11 +20,23 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from pytest_aiohttp import AiohttpClient
 
-from deploy.cluster import Cluster, Instance, running_cluster
+from deploy.cluster import Cluster, Instance, RedisServer, running_cluster
+from service.app import create_app
+from service.config import Config
+from service.keys import BACKEND
 from service.ws import MAX_SUBSCRIPTIONS
 
-from .conftest import INSTANCE_ID, Client, ClientFactory, hub_of, put, wait_for_waiters
+from .conftest import (
+    INSTANCE_ID,
+    Client,
+    ClientFactory,
+    hub_of,
+    put,
+    wait_for_waiters,
+    wait_until,
+)
 from .test_sse import metric
 
 RECEIVE_DEADLINE = 5.0
@@ -208,6 +220,31 @@ async def test_subscriptions_and_their_deliveries_show_in_the_metrics(client: Cl
         assert await metric(client, delivered) == 2
     await wait_for_waiters(client, 0)
     assert await metric(client, held) == 0
+
+
+async def test_subscription_while_redis_is_away_gets_an_error_and_works_once_it_is_back(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        config = Config(instance_id=INSTANCE_ID, redis_url=redis.url, redis_prefix="away:")
+        client = await aiohttp_client(create_app(config))
+        async with socket(client) as ws:
+            redis.stop()
+            await send(ws, {"subscribe": {"task": "away"}})
+            error = await receive(ws)
+            assert error["error"]["code"] == "backend_unavailable" and error["task"] == "away"
+            assert hub_of(client).waiting_total == 0
+            redis.start()
+            await wait_until(lambda: client.app[BACKEND].is_ready(), 15, "the backend ready")
+            state = await put(client, "away", status="completed")
+            assert await subscribe(ws, task="away") == [
+                {"state": state},
+                {"subscribed": {"task": "away"}},
+            ]
+    finally:
+        redis.stop()
 
 
 # --- bad messages -----------------------------------------------------------------------------
@@ -534,3 +571,10 @@ async def held_polls(session: aiohttp.ClientSession, instance_url: str) -> int:
     async with session.get(f"{instance_url}/healthz") as response:
         polls: int = (await response.json())["waiting"]["polls"]
         return polls
+
+
+async def test_ping_is_answered_with_its_pong(client: Client) -> None:
+    async with socket(client) as ws:
+        for payload in (17, "x", {"at": [1, 2]}, None):
+            await send(ws, {"ping": payload})
+            assert await receive(ws) == {"pong": payload}

@@ -45,8 +45,9 @@ class Reconnecting {
   constructor({ target, accept, heartbeatSeconds, onState, onServedBy, headers, onRefused }) {
     this.target = target;
     this.accept = accept;
+    this.heartbeatMs = heartbeatSeconds * 1000;
     // Three heartbeats without a byte: the connection is dead, even if the browser did not say so.
-    this.deadAfterMs = 3 * heartbeatSeconds * 1000;
+    this.deadAfterMs = 3 * this.heartbeatMs;
     this.onState = onState;
     this.onServedBy = onServedBy;
     this.headers = headers ?? (() => ({}));
@@ -216,7 +217,8 @@ export class EventStream extends Reconnecting {
 
 // --- WebSocket --------------------------------------------------------------------------------
 
-// One socket, one subscription (the board, or the task of a task page). The access token goes in
+// One socket, one subscription (the board, or the task of a task page), and a {"ping"} every
+// heartbeat (answered with a pong) to see that it lives. The access token goes in
 // the subprotocol list ("bearer.<token>" beside "taskstatus"): a browser cannot set headers on a
 // WebSocket, and a token in the URL would end up in logs.
 export class SocketStream extends Reconnecting {
@@ -291,6 +293,7 @@ export class SocketStream extends Reconnecting {
       this.socket = socket;
       let outcome = null;
       let watchdog = null;
+      let pinger = null;
       const feed = () => {
         clearTimeout(watchdog);
         watchdog = setTimeout(() => {
@@ -301,6 +304,10 @@ export class SocketStream extends Reconnecting {
       socket.addEventListener("open", () => {
         feed();
         socket.send(JSON.stringify(this.#subscription()));
+        // The server's WebSocket pings are invisible here: ask for a pong now and then, so a
+        // quiet board shows its connection is alive and a dead one is noticed.
+        const ping = () => socket.send(JSON.stringify({ ping: Date.now() }));
+        pinger = setInterval(ping, this.heartbeatMs);
       });
       socket.addEventListener("message", (event) => {
         feed();
@@ -331,6 +338,7 @@ export class SocketStream extends Reconnecting {
       });
       socket.addEventListener("close", (event) => {
         clearTimeout(watchdog);
+        clearInterval(pinger);
         this.socket = null;
         if (this.restarting) {
           this.restarting = false;
