@@ -114,7 +114,7 @@ class Config:
         return tuple(ipaddress.ip_network(entry, strict=False) for entry in self.trusted_proxies)
 
 
-def _statuses(raw: str) -> tuple[str, ...]:
+def _comma_list(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
@@ -152,7 +152,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     )
     parser.add_argument(
         "--statuses",
-        type=_statuses,
+        type=_comma_list,
         default=env.get("STATUSES", ",".join(DEFAULT_STATUSES)),
         help="comma-separated; the first is the status of a task never written",
     )
@@ -233,7 +233,7 @@ def _add_security_arguments(
     )
     parser.add_argument(
         "--cors-origins",
-        type=_statuses,
+        type=_comma_list,
         default=env.get("CORS_ORIGINS", ""),
         help="comma-separated origins (https://host[:port]) allowed to call the API",
     )
@@ -250,7 +250,7 @@ def _add_security_arguments(
     )
     parser.add_argument(
         "--trusted-proxies",
-        type=_statuses,
+        type=_comma_list,
         default=env.get("TRUSTED_PROXIES", ""),
         help="comma-separated addresses or networks whose X-Forwarded-For is believed",
     )

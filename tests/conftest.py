@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from deploy.cluster import RedisServer
+from deploy.cluster import Instance, RedisServer
 from service.app import create_app
 from service.config import Config
 from service.hub import Hub
@@ -103,3 +103,13 @@ async def get_state(client: Client, task: str = "default") -> dict[str, Any]:
     assert response.status == 200, await response.text()
     state: dict[str, Any] = await response.json()
     return state
+
+
+async def exits_cleanly(instance: Instance, timeout: float = 5.0) -> None:
+    """A signalled service process exits within ``timeout`` with code 0 and no traceback logged."""
+    deadline = time.monotonic() + timeout
+    while instance.running:
+        assert time.monotonic() < deadline, "the process did not exit"
+        await asyncio.sleep(0.05)
+    assert instance.stop() == 0
+    assert "Traceback" not in instance.log_text()

@@ -7,7 +7,6 @@ Every receive has a deadline; "subscribed" is the server's word that no change c
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import time
@@ -32,6 +31,7 @@ from .conftest import (
     INSTANCE_ID,
     Client,
     ClientFactory,
+    exits_cleanly,
     hub_of,
     put,
     wait_for_waiters,
@@ -523,12 +523,7 @@ async def test_sigterm_closes_sockets_with_going_away_at_once_and_the_process_ex
             assert message.type is aiohttp.WSMsgType.CLOSE
             assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
         assert time.monotonic() - sent < 2
-    deadline = time.monotonic() + 5
-    while instance.running:
-        assert time.monotonic() < deadline, "the process did not exit"
-        await asyncio.sleep(0.05)
-    assert instance.stop() == 0
-    assert "Traceback" not in instance.log_text()
+    await exits_cleanly(instance)
 
 
 # --- through nginx, in front of three instances on Redis --------------------------------------
