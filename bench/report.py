@@ -1,5 +1,6 @@
 """The report of one run: Markdown tables (printed, and ``table.md``), ratios to each peer, the
-issue's six targets with their measured ratio, and a PNG chart of fan-out time-to-last vs N."""
+issue's six targets with their measured ratio, a PNG chart of fan-out time-to-last vs N, and the
+transport comparison (long polling, SSE, WebSocket)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import matplotlib.pyplot as plt
 
 Record = dict[str, Any]
 Table = dict[tuple[str, int], Record]
+TRANSPORTS = ("longpoll", "sse", "ws", "ws-deflate")
 SERVICE = ("service-1", "service-3")
 PEERS = ("nchan-1", "nchan-2", "seed")
 ORDER = ("service-1", "service-1-nogc", "service-3", "seed", "nchan-1", "nchan-2")
@@ -315,17 +317,82 @@ def targets_section(fan: Table, tput: dict[str, Record], hold: Table) -> list[st
     return ["## The issue's targets", "", *_table(["target", "measured", "ratio", ""], rows)]
 
 
+TRANSPORT_TITLES = {
+    "longpoll": "long polling",
+    "sse": "SSE",
+    "ws": "WebSocket",
+    "ws-deflate": "WebSocket, deflate",
+}
+
+
+def _kib_cell(r: Record) -> str:
+    nginx = r["kib_per_waiter"].get("nginx")
+    return _f(r["kib_per_client"], 1) + ("" if nginx is None else f" + nginx {_f(nginx, 1)}")
+
+
+def transports_section(records: list[Record], settings: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Transports: long polling vs SSE vs WebSocket",
+        "",
+        f"The same target started afresh for each transport; N clients follow one task, which is"
+        f" written {settings['updates']} times, {settings['interval'] * 1e3:.0f} ms apart."
+        " *CPU*: every process of the target (instances, nginx, Redis) from the first write until"
+        " every client has the last version (long polls: and has asked again), per delivered"
+        " notification; in brackets, less the target's own idle CPU over the same time."
+        " *Bytes*: TCP payload at the client sockets per delivered update, received + sent"
+        " (long polling: the response head and body, and the next poll's request; SSE: the"
+        " chunk-framed `id:`/`data:` event; WebSocket: the frame, deflated when the client"
+        " offers permessage-deflate, as browsers do); no TCP/IP headers. The clients send only"
+        " the headers the protocol needs (a browser adds its own to every poll)."
+        " *Delay*: from the moment the write was sent to each client's receipt."
+        " *KiB/client*: PSS growth of the instances from before the clients connected until all"
+        " were followed, per client (and nginx's, for a cluster).",
+        "",
+    ]
+    rows = []
+    for r in sorted(records, key=lambda r: (_order(r["target"]), TRANSPORTS.index(r["transport"]))):
+        d = r["delay"]
+        wire_in, wire_out = r["bytes_in_per_update"], r["bytes_out_per_update"]
+        errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
+        rows.append(
+            [
+                _title(r["target"]),
+                TRANSPORT_TITLES.get(r["transport"]) or str(r["transport"]),
+                f"{r['following']:,}",
+                f"**{_f(r['cpu_us_per_notification'])}**"
+                f" ({_f(r['cpu_us_per_notification_less_idle'])})",
+                f"**{_f(wire_in + wire_out)}** ({_f(wire_in)} + {_f(wire_out)})",
+                f"{_f(d['p50_ms'], 1)} / {_f(d['p99_ms'], 1)}",
+                _kib_cell(r),
+                f"{r['delivered']:,} / {r['expected']:,}",
+                _f(r["client_cpu_us_per_notification"]),
+                _f(r["other_cpu_share"], 2),
+                errors,
+            ]
+        )
+    head = ["target", "transport", "clients", "server CPU µs / notification",
+            "bytes / update (in + out)", "delay p50 / p99 ms", "KiB / client",
+            "delivered / updates x clients", "client CPU µs / notification", "other load",
+            "errors"]  # fmt: skip
+    return lines + _table(head, rows)
+
+
 def write_report(records: list[Record], out: Path, jsonl: Path) -> str:
     run = next(r for r in records if r["scenario"] == "run")
     fan, hold = _by(records, "fanout"), _by(records, "hold")
     tput, many = _one_each(records, "throughput"), _one_each(records, "many_tasks")
+    transports = [r for r in records if r["scenario"] == "transport"]
     lines = header(run, records, jsonl)
-    lines += ["", *fanout_section(fan, run["settings"]), "", *hold_section(hold)]
+    if fan or hold:
+        lines += ["", *fanout_section(fan, run["settings"]), "", *hold_section(hold)]
     if tput:
         lines += ["", *throughput_section(tput)]
     if many:
         lines += ["", *many_section(many)]
-    lines += ["", *ratios_section(fan, tput, hold), "", *targets_section(fan, tput, hold)]
+    if fan or tput or hold:
+        lines += ["", *ratios_section(fan, tput, hold), "", *targets_section(fan, tput, hold)]
+    if transports:
+        lines += ["", *transports_section(transports, run["transport_settings"])]
     other = [r for r in records if r["scenario"] in ("failed", "skipped")]
     if other:
         lines += ["", "## Not measured", ""]

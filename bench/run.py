@@ -1,9 +1,10 @@
 """``python -m bench [--quick]``: every scenario against every target, then the report.
 
 Full: hold and fan-out at 1,000 / 5,000 / 10,000 polls, throughput, many tasks, against this
-service (1 instance; 3 instances + nginx), the seed design and Nchan (1 nginx; 2 + balancer).
+service (1 instance; 3 instances + nginx), the seed design and Nchan (1 nginx; 2 + balancer); and
+the transport comparison (long polling, SSE, WebSocket: 1,000 clients each) on this service.
 Quick (``--quick``, under 2 minutes): 1,000 polls, fewer rounds, this service (1 instance) and
-the seed.
+the seed; the transports with 200 clients.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .load import LoadClient, raise_nofile_limit
 from .report import write_report
 from .scenarios import Emit, Record, Settings, hold_and_fanout, many_tasks, throughput
 from .targets import TARGETS
+from .transports import TARGETS as TRANSPORT_TARGETS
+from .transports import TRANSPORTS, TransportClient, TransportSettings, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,6 +71,8 @@ QUICK = Settings(
     many_seconds=3.0,
     seed_max=1_000,
 )
+FULL_TRANSPORTS = TransportSettings(clients=1_000, updates=20, interval=0.2)
+QUICK_TRANSPORTS = TransportSettings(clients=200, updates=10, interval=0.2)
 FULL_TARGETS = ("service-1", "service-3", "seed", "nchan-1", "nchan-2")
 QUICK_TARGETS = ("service-1", "seed")
 
@@ -113,7 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", help="comma-separated poll counts for hold and fan-out")
     parser.add_argument("--rounds", type=int, help="fan-out rounds (without probe writes)")
     parser.add_argument(
-        "--scenarios", default="fanout,throughput,many", help="of fanout, throughput, many"
+        "--scenarios",
+        default="fanout,throughput,many,transports",
+        help="of fanout, throughput, many, transports",
+    )
+    parser.add_argument(
+        "--transport-clients", type=int, help="clients per transport in the transport comparison"
     )
     parser.add_argument("--workers", type=int, default=4, help="poll worker processes")
     parser.add_argument(
@@ -132,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
         settings = _replace(settings, rounds=args.rounds)
     if args.profile:
         settings = _replace(settings, profile=args.profile.resolve())
+    transport_settings = QUICK_TRANSPORTS if args.quick else FULL_TRANSPORTS
+    if args.transport_clients:
+        transport_settings = TransportSettings(
+            **{**transport_settings.__dict__, "clients": args.transport_clients}
+        )
     targets = (
         args.targets.split(",")
         if args.targets
@@ -160,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.monotonic()
     client = LoadClient(args.workers, args.loop)
+    transport_client = TransportClient(2, args.loop) if "transports" in scenarios else None
     try:
         limits = client.limits()
         emit(
@@ -168,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
                 "mode": mode,
                 "machine": machine(),
                 "settings": settings.__dict__,
+                "transport_settings": transport_settings.__dict__,
                 "targets": targets,
                 "load_client": {
                     "poll_workers": args.workers,
@@ -181,10 +198,17 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-            for key, n, step in plan(client, targets, settings, scenarios, Path(tmp), emit):
+            steps = plan(client, targets, settings, scenarios, Path(tmp), emit)
+            if transport_client is not None:
+                steps += plan_transports(
+                    transport_client, targets, transport_settings, Path(tmp), emit
+                )
+            for key, n, step in steps:
                 run_step(client, key, n, step, settings, emit)
     finally:
         client.shutdown()
+        if transport_client is not None:
+            transport_client.shutdown()
     records.append({"scenario": "elapsed", "seconds": time.monotonic() - started})
     table = write_report(records, args.out, jsonl)
     print(table)
@@ -216,6 +240,27 @@ def plan(
             step = partial(many_tasks, client, key, settings, work / f"{key}-many", emit)
             steps.append((key, settings.many_tasks * settings.many_waiters, step))
     return steps
+
+
+def plan_transports(
+    client: TransportClient,
+    targets: list[str],
+    settings: TransportSettings,
+    work: Path,
+    emit: Emit,
+) -> list[tuple[str, int, partial[None]]]:
+    """Each transport against each target of this service that is in the run (the seed and
+    Nchan speak long polling only)."""
+    return [
+        (
+            key,
+            settings.clients,
+            partial(measure, client, key, transport, settings, work / f"{key}-{transport}", emit),
+        )
+        for transport in TRANSPORTS
+        for key in targets
+        if key in TRANSPORT_TARGETS
+    ]
 
 
 def run_step(
@@ -274,5 +319,15 @@ def _one_line(record: Record) -> str:
         return (
             f"{head}: {record['notifications_per_s']:.0f} notifications/s,"
             f" delay p50 {delay['p50_ms']:.1f} ms p99 {delay['p99_ms']:.1f} ms"
+        )
+    if kind == "transport":
+        delay = record["delay"]
+        wire = record["bytes_in_per_update"] + record["bytes_out_per_update"]
+        return (
+            f"{head} {record['transport']}: {record['cpu_us_per_notification']:.0f} µs CPU"
+            f" per notification, {wire:.0f} bytes per update,"
+            f" delay p50 {delay['p50_ms']:.1f} ms p99 {delay['p99_ms']:.1f} ms,"
+            f" {record['kib_per_client']:.1f} KiB per client,"
+            f" delivered {record['delivered']}/{record['expected']}"
         )
     return f"{head}: {json.dumps(record, default=_plain)[:300]}"
