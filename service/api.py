@@ -17,8 +17,9 @@ from aiohttp import hdrs, web
 from .auth import GRANT
 from .backend import TaskLimitReached, VersionConflict
 from .conditional import parse_if_none_match, parse_prefer_wait
+from .direct import AlreadyAnswered, may_answer_directly
 from .errors import ApiError, bad_request
-from .hub import WATCH_KEY, Change
+from .hub import TICK, WATCH_KEY, Change
 from .keys import BACKEND, CONFIG, HUB
 from .metrics import delivering
 from .model import (
@@ -82,14 +83,15 @@ def _poll_timeout(request: web.Request, asked: int | None = None) -> float:
     and shortened by a little random jitter.
 
     The jitter (up to 10 %, at most 2 s) spreads the return of clients that connected together,
-    so they do not all come back in the same instant; a hold never exceeds what was asked.
+    so they do not all come back in the same instant. It is at least the hub's clock tick, by
+    which a wait may end late: a hold never exceeds what was asked.
     """
     config = request.app[CONFIG]
     if asked is None:
         raw = _single(request, "timeout")
         asked = config.poll_timeout if raw is None else parse_counter("timeout", raw)
     hold = min(asked, config.poll_timeout_max)
-    return hold - random.uniform(0, min(hold * 0.1, 2.0))
+    return hold - max(TICK, random.uniform(0, min(hold * 0.1, 2.0)))
 
 
 def _retry_after() -> str:
@@ -192,9 +194,14 @@ async def _poll(
             state = await backend.get(task_id)
         if state.version != since:  # also when the client is ahead: it resyncs after a reset
             return state_response(state)
-        change = await waiter.wait(lambda c: c.state.version > since, timeout)
+        cors = bool(request.app[CONFIG].cors_origins)
+        if not conditional and request.transport and may_answer_directly(request, cors):
+            waiter.answer_directly(request.transport, since)
+        change = await waiter.wait(lambda c: c.state.version > since, timeout, newest=True)
     if change is None:
         return _nothing_new(request, etag=since if conditional else None)
+    if change is waiter.delivered:
+        return delivering(AlreadyAnswered(), change)  # the hub wrote the answer
     return change_response(change)
 
 

@@ -20,6 +20,7 @@ from .config import Config, load_config
 from .connections import LISTEN_BACKLOG, handler_args, raise_open_file_limit
 from .cors import setup_cors
 from .dashboard import dashboard_ctx, setup_dashboard
+from .direct import encode_poll_answer
 from .health import setup_health_routes
 from .hub import Hub
 from .keys import BACKEND, CONFIG, HUB
@@ -85,7 +86,7 @@ def create_app(config: Config) -> web.Application:
         handler_args=handler_args(config),  # header size and time limits, for every server
     )
     app[CONFIG] = config
-    app[HUB] = Hub()
+    app[HUB] = Hub(answer=encode_poll_answer(config.instance_id))
     app[BACKEND] = create_backend(config)
     setup_metrics(app)  # GET /metrics; its middleware goes first, to count every answer
     aiohttp_jinja2.setup(

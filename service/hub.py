@@ -1,9 +1,18 @@
 """The hub owns the waiters of this instance and wakes them when a change arrives.
 
 Data flows one way: a backend calls ``Hub.publish`` with each change (the memory backend right
-after a write, the redis backend from its one pub/sub reader); the hub resolves ONE future per
-task, shared by every waiter of that task, plus one future shared by every watch. A change is
-serialized once, on first use, whatever the number of waiters it wakes.
+after a write, the redis backend from its one pub/sub reader). Each waiter keeps the changes of
+its key that it has not looked at yet, so none can fall between two waits; a waiter asleep is
+woken through a future of its own. A change is serialized once, on first use, whatever the
+number of waiters it reaches.
+
+Two things keep a fan-out to thousands of waiters cheap and the rest of the instance responsive:
+
+- A long poll that can take it (``Waiter.answer_directly``) is answered by the hub itself: the
+  complete HTTP answer, built once per change, goes to every such connection in the publish
+  call, before any handler runs again. The handlers then only tidy up.
+- Sleeping waiters are woken ``WAKE_BATCH`` at a time, one batch per turn of the event loop, so a
+  write (or any request) that arrives meanwhile waits for one batch, not for the whole fan-out.
 
 A wake-up is a hint: waiters compare versions (or cursors) and ignore stale or duplicate changes.
 """
@@ -12,14 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from types import TracebackType
 
 from .model import Cursor, TaskState, WatchBatch
 
 WATCH_KEY = "*"  # not a valid task id, so it never collides with one
+# Waiters woken per turn of the event loop: ~5 ms of handler work at the measured cost, so a
+# request arriving during a large fan-out is served after one batch (see bench/RESULTS.md).
+WAKE_BATCH = 128
+# Holds end on a clock of this period, one timer per tick for all the waits ending in it (a timer
+# per wait costs ~700 bytes and a heap entry). A deadline is rounded up: a wait ends at most one
+# tick late (``api._poll_timeout`` takes the tick out of the hold it asks for).
+TICK = 0.05
+
+AnswerEncoder = Callable[["Change"], bytes]
 
 
 class Change:
@@ -29,13 +46,14 @@ class Change:
     kinds of waiter present, whatever their number.
     """
 
-    __slots__ = ("_body", "_watch_body", "cursor", "state")
+    __slots__ = ("_answer", "_body", "_watch_body", "cursor", "state")
 
     def __init__(self, state: TaskState, cursor: Cursor) -> None:
         self.state = state
         self.cursor = cursor
         self._body: bytes | None = None
         self._watch_body: bytes | None = None
+        self._answer: bytes | None = None
 
     @property
     def body(self) -> bytes:
@@ -56,106 +74,216 @@ class Change:
         batch = WatchBatch(cursor=self.cursor, tasks=[self.state])
         self._watch_body = json.dumps(batch.to_dict()).encode()
 
+    def answer(self, encode: AnswerEncoder) -> bytes:
+        """The whole HTTP answer to a long poll (head and ``body``), encoded on first use."""
+        if self._answer is None:
+            self._answer = encode(self)
+        return self._answer
 
-@dataclass(frozen=True, slots=True)
-class Link:
-    """One change, and the future that will carry the change after it.
 
-    Each key's futures form a chain: a waiter that turns a change down moves on to ``next`` and so
-    cannot miss a change published before it got to wait again.
-    """
+class DirectAnswer:
+    """Where the hub writes a long poll's answer itself: the connection and what it has."""
 
-    change: Change
-    next: asyncio.Future[Link | None]
+    __slots__ = ("since", "transport")
+
+    def __init__(self, transport: asyncio.WriteTransport, since: int) -> None:
+        self.transport = transport
+        self.since = since
 
 
 class Waiter:
-    """One held request's place in a key's chain of changes (see ``Hub.waiting``)."""
+    """One held request's place in the hub, registered for as long as its ``with`` block runs.
 
-    __slots__ = ("_future",)
+    Enter it BEFORE reading the current version: a change published after the read is then
+    already in the waiter's pending changes, so no wake-up can fall between the read and the wait.
+    """
 
-    def __init__(self, future: asyncio.Future[Link | None]) -> None:
-        self._future = future
+    __slots__ = ("_direct", "_expiry", "_hub", "_key", "_pending", "_wake", "delivered")
 
-    async def wait(self, accept: Callable[[Change], bool], hold: float) -> Change | None:
-        """The first change ``accept`` takes, or None after ``hold`` seconds or at shutdown."""
-        try:
-            async with asyncio.timeout(hold):
-                while True:
-                    # shield: a waiter that times out or leaves must not cancel the shared future
-                    link = await asyncio.shield(self._future)
-                    if link is None:
-                        return None
-                    self._future = link.next
-                    if accept(link.change):
-                        return link.change
-        except TimeoutError:
-            return None
+    def __init__(self, hub: Hub, key: str) -> None:
+        self._hub = hub
+        self._key = key
+        self._pending: list[Change] = []  # published since registering, not looked at yet
+        self._wake: asyncio.Future[None] | None = None  # set while the waiter sleeps
+        self._direct: DirectAnswer | None = None
+        self._expiry = 0  # the tick of this wait's deadline; -1 once it has passed
+        self.delivered: Change | None = None  # the change whose answer the hub wrote itself
+
+    def __enter__(self) -> Waiter:
+        self._hub._register(self)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._direct = None
+        self._hub._unregister(self, disconnected=exc_type is asyncio.CancelledError)
+
+    def answer_directly(self, transport: asyncio.WriteTransport, since: int) -> None:
+        """Let the hub write this long poll's answer (``Hub(answer=...)``) for the first change
+        of the task above version ``since``, the moment it is published.
+
+        Only while nothing is pending: a change already here is answered the ordinary way.
+        """
+        if not self._pending and self._hub.answers_directly:
+            self._direct = DirectAnswer(transport, since)
+
+    async def wait(
+        self, accept: Callable[[Change], bool], hold: float, *, newest: bool = False
+    ) -> Change | None:
+        """The first change ``accept`` takes (with ``newest``: the last one of those pending),
+        or None after ``hold`` seconds or once the hub is closed.
+
+        Changes are offered in the order they were published, each once; those turned down are
+        dropped, those after the one taken stay for the next wait.
+        """
+        loop = self._hub.loop()
+        deadline = loop.time() + hold
+        self._expiry = 0
+        while True:
+            if self.delivered is not None:
+                return self.delivered
+            found = None
+            while self._pending:
+                change = self._pending.pop(0)
+                if accept(change):
+                    found = change
+                    if not newest:
+                        break
+            if found is not None:
+                return found
+            if self._hub.closed or self._expiry < 0 or loop.time() >= deadline:
+                return None
+            self._wake = loop.create_future()
+            self._hub._expire_at(self, deadline)
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+
+    def _offer(self, change: Change, encode: AnswerEncoder | None) -> asyncio.Future[None] | None:
+        """Hub side: take ``change``; the future to resolve if the waiter must wake for it."""
+        if self.delivered is not None:
+            return None  # answered: it only has to finish
+        direct = self._direct
+        if direct is not None and encode is not None and change.state.version > direct.since:
+            if not direct.transport.is_closing():
+                direct.transport.write(change.answer(encode))
+                self.delivered = change
+                self._direct = None
+            else:
+                self._pending.append(change)  # the client left: its handler is cancelled soon
+        else:
+            self._pending.append(change)
+        wake = self._wake
+        return wake if wake is not None and not wake.done() else None
 
 
 class Hub:
-    def __init__(self) -> None:
-        # key -> the future the next change on that key resolves; present while it has waiters
-        self._futures: dict[str, asyncio.Future[Link | None]] = {}
-        self._waiters: Counter[str] = Counter()
+    def __init__(self, answer: AnswerEncoder | None = None) -> None:
+        """``answer`` encodes a change as the complete HTTP answer to a long poll of its task;
+        without it, every waiter answers through its handler."""
+        self._answer = answer
+        # key -> its waiters, in the order they came (a dict as an ordered set)
+        self._waiters: dict[str, dict[Waiter, None]] = {}
         self._total = 0
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._expiring: dict[int, list[Waiter]] = {}  # tick -> waiters whose wait ends in it
         self._disconnected = 0  # waiters whose client went away, since the last report
         self.serializations = 0  # response bodies built by publish, for all waiters together
+        self.direct_answers = 0  # long polls the hub answered itself
 
     # --- the backend side ---------------------------------------------------------------------
 
     def publish(self, change: Change) -> None:
-        task_future = self._futures.get(change.state.task)
-        if task_future is not None and not task_future.done():
+        task_waiters = self._waiters.get(change.state.task)
+        if task_waiters:
             change.encode_body()
             self.serializations += 1
-            self._advance(change.state.task, task_future, change)
-        watch_future = self._futures.get(WATCH_KEY)
-        if watch_future is not None and not watch_future.done():
+            self._offer(task_waiters, change, self._answer)
+        watches = self._waiters.get(WATCH_KEY)
+        if watches:
             change.encode_watch_body()
             self.serializations += 1
-            self._advance(WATCH_KEY, watch_future, change)
+            self._offer(watches, change, None)
 
-    def _advance(self, key: str, future: asyncio.Future[Link | None], change: Change) -> None:
-        following = future.get_loop().create_future()
-        self._futures[key] = following
-        future.set_result(Link(change, following))
+    def _offer(
+        self, waiters: dict[Waiter, None], change: Change, encode: AnswerEncoder | None
+    ) -> None:
+        wakes = []
+        for waiter in tuple(waiters):
+            wake = waiter._offer(change, encode)
+            if waiter.delivered is change:
+                self.direct_answers += 1
+            if wake is not None:
+                wakes.append(wake)
+        self._wake(wakes, 0)
+
+    def _wake(self, wakes: list[asyncio.Future[None]], start: int) -> None:
+        end = start + WAKE_BATCH
+        for wake in wakes[start:end]:
+            if not wake.done():
+                wake.set_result(None)
+        if end < len(wakes):
+            self.loop().call_soon(self._wake, wakes, end)
+
+    def _expire_at(self, waiter: Waiter, deadline: float) -> None:
+        tick = waiter._expiry = math.ceil(deadline / TICK)
+        waiters = self._expiring.get(tick)
+        if waiters is None:
+            waiters = self._expiring[tick] = []
+            self.loop().call_at(tick * TICK, self._expire, tick)
+        waiters.append(waiter)
+
+    def _expire(self, tick: int) -> None:
+        for waiter in self._expiring.pop(tick, ()):
+            wake = waiter._wake
+            if waiter._expiry == tick and wake is not None and not wake.done():
+                waiter._expiry = -1
+                wake.set_result(None)
 
     def close(self) -> None:
         """Release every waiter (they answer 204), e.g. on shutdown; later waits return at once."""
         self._closed = True
-        for future in self._futures.values():
-            if not future.done():
-                future.set_result(None)
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                wake = waiter._wake
+                if wake is not None and not wake.done():
+                    wake.set_result(None)
 
     # --- the handler side ---------------------------------------------------------------------
 
-    @contextmanager
-    def waiting(self, key: str) -> Iterator[Waiter]:
-        """Register a waiter on ``key`` (a task id or ``WATCH_KEY``) for as long as the block runs.
+    def waiting(self, key: str) -> Waiter:
+        """A waiter on ``key`` (a task id or ``WATCH_KEY``), registered while its block runs."""
+        return Waiter(self, key)
 
-        Enter it BEFORE reading the current version: a change published after the read is then
-        already on the waiter's chain, so no wake-up can fall between the read and the wait.
-        """
-        future = self._futures.get(key)
-        if future is None:
-            future = self._futures[key] = asyncio.get_running_loop().create_future()
-            if self._closed:
-                future.set_result(None)
-        self._waiters[key] += 1
+    def _register(self, waiter: Waiter) -> None:
+        key = waiter._key
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            waiters = self._waiters[key] = {}
+        waiters[waiter] = None
         self._total += 1
-        try:
-            yield Waiter(future)
-        except asyncio.CancelledError:
+
+    def _unregister(self, waiter: Waiter, *, disconnected: bool) -> None:
+        key = waiter._key
+        if disconnected:
             self._disconnected += 1  # handler_cancellation: the client closed its connection
-            raise
-        finally:
-            self._total -= 1
-            self._waiters[key] -= 1
-            if self._waiters[key] <= 0:
-                del self._waiters[key]
-                del self._futures[key]
+        self._total -= 1
+        waiters = self._waiters[key]
+        del waiters[waiter]
+        if not waiters:
+            del self._waiters[key]
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once (the lookup is a system call on Python 3.11)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     # --- what the hub can tell ----------------------------------------------------------------
 
@@ -164,12 +292,16 @@ class Hub:
         return self._closed
 
     @property
+    def answers_directly(self) -> bool:
+        return self._answer is not None
+
+    @property
     def waiting_total(self) -> int:
         return self._total
 
     @property
     def waiting_watches(self) -> int:
-        return self._waiters.get(WATCH_KEY, 0)
+        return len(self._waiters.get(WATCH_KEY, ()))
 
     @property
     def waiting_polls(self) -> int:

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Final
+from typing import Final, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -261,7 +261,10 @@ DELIVERED: Final = web.ResponseKey("delivered", Change)
 METRICS: Final = web.AppKey("metrics", Metrics)
 
 
-def delivering(response: web.Response, change: Change) -> web.Response:
+_R = TypeVar("_R", bound=web.StreamResponse)
+
+
+def delivering(response: _R, change: Change) -> _R:
     """Mark ``response`` as the answer that delivers ``change`` to a waiter (its notify delay is
     observed as it is written)."""
     response[DELIVERED] = change

@@ -1,0 +1,126 @@
+"""Long polls the hub answers itself (``service/direct.py``): the same bytes as the ordinary path,
+the connection kept for the next request, and the ordinary path wherever headers depend on the
+request."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .conftest import Client, ClientFactory, hub_of, put, wait_for_waiters
+
+ORIGIN = "https://board.example"
+
+
+async def raw_poll(
+    client: Client,
+    task: str,
+    since: int,
+    *,
+    extra: str = "",
+    reader_writer: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send a poll over a raw socket (kept open) without reading the answer."""
+    if reader_writer is None:
+        reader_writer = await asyncio.open_connection(client.host, client.port)
+    _, writer = reader_writer
+    writer.write(
+        f"GET /api/tasks/{task}/poll?since={since}&timeout=20 HTTP/1.1\r\n"
+        f"Host: {client.host}\r\n{extra}\r\n".encode()
+    )
+    await writer.drain()
+    return reader_writer
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Status line, headers in order, body."""
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+    status, *lines = head.rstrip("\r\n").split("\r\n")
+    headers = [(name, value) for name, _, value in (line.partition(": ") for line in lines)]
+    length = int(dict(headers)["Content-Length"])
+    return status, headers, await reader.readexactly(length)
+
+
+def comparable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Headers that must match between the two paths: all but the clock and the connection's."""
+    return [(name, value) for name, value in headers if name not in ("Date", "Connection")]
+
+
+async def test_a_direct_answer_is_byte_for_byte_the_ordinary_one_and_keeps_the_connection(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client()
+    hub = hub_of(client)
+    await put(client, "t", status="in_progress")
+    direct = await raw_poll(client, "t", 1)
+    ordinary = await raw_poll(client, "t", 1, extra="Connection: close\r\n")  # not answerable
+    await wait_for_waiters(client, 2)
+    await put(client, "t", status="completed")
+    status, direct_headers, direct_body = await read_answer(direct[0])
+    ordinary_status, ordinary_headers, ordinary_body = await read_answer(ordinary[0])
+    assert hub.direct_answers == 1
+    assert status == ordinary_status == "HTTP/1.1 200 OK"
+    assert direct_body == ordinary_body
+    assert comparable(direct_headers) == comparable(ordinary_headers)
+    assert dict(direct_headers)["ETag"] == '"2"'
+    ordinary[1].close()
+
+    # The same connection carries the next poll, and the next answer.
+    await raw_poll(client, "t", 2, reader_writer=direct)
+    await wait_for_waiters(client, 1)
+    await put(client, "t", status="failed", message="disk full")
+    _, headers, body = await read_answer(direct[0])
+    assert b'"version": 3' in body and b'"disk full"' in body
+    assert dict(headers)["ETag"] == '"3"'
+    assert hub.direct_answers == 2
+    direct[1].close()
+
+
+async def test_a_burst_of_writes_answers_a_poll_once_with_the_first_change_above_it(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client()
+    await put(client, "t", status="in_progress")
+    reader, writer = await raw_poll(client, "t", 1)
+    await wait_for_waiters(client, 1)
+    await put(client, "t", progress=10)
+    await put(client, "t", progress=20)
+    _, headers, _ = await read_answer(reader)
+    assert dict(headers)["ETag"] == '"2"'
+    # Nothing else arrives on the connection: the second change is for the next poll.
+    await raw_poll(client, "t", 2, reader_writer=(reader, writer))
+    _, headers, _ = await read_answer(reader)
+    assert dict(headers)["ETag"] == '"3"'  # answered at once: the client was behind
+    writer.close()
+
+
+async def test_a_cross_origin_poll_is_answered_the_ordinary_way_with_its_cors_headers(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(cors_origins=(ORIGIN,))
+    hub = hub_of(client)
+    await put(client, "t", status="in_progress")
+    reader, writer = await raw_poll(client, "t", 1, extra=f"Origin: {ORIGIN}\r\n")
+    same_origin = await raw_poll(client, "t", 1)
+    await wait_for_waiters(client, 2)
+    await put(client, "t", status="completed")
+    _, headers, _ = await read_answer(reader)
+    assert dict(headers)["Access-Control-Allow-Origin"] == ORIGIN
+    _, plain, _ = await read_answer(same_origin[0])
+    assert "Access-Control-Allow-Origin" not in dict(plain)
+    assert hub.direct_answers == 1  # the same-origin poll only
+    writer.close()
+    same_origin[1].close()
+
+
+async def test_an_http_1_0_poll_is_answered_the_ordinary_way(make_client: ClientFactory) -> None:
+    client = await make_client()
+    hub = hub_of(client)
+    await put(client, "t", status="in_progress")
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /api/tasks/t/poll?since=1&timeout=20 HTTP/1.0\r\n\r\n")
+    await wait_for_waiters(client, 1)
+    await put(client, "t", status="completed")
+    answer = await asyncio.wait_for(reader.read(), 10)  # 1.0: the server closes after it
+    assert answer.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert hub.direct_answers == 0
+    writer.close()
