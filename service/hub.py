@@ -9,10 +9,12 @@ number of waiters it reaches.
 Two things keep a fan-out to thousands of waiters cheap and the rest of the instance responsive:
 
 - A long poll that can take it (``Waiter.answer_directly``) is answered by the hub itself: the
-  complete HTTP answer, built once per change, goes to every such connection in the publish
-  call, before any handler runs again. The handlers then only tidy up.
+  complete HTTP answer, built once per change, goes to every such connection, ``ANSWER_BATCH``
+  connections per turn of the event loop, before their handlers run again (they only tidy up).
 - Sleeping waiters are woken ``WAKE_BATCH`` at a time, one batch per turn of the event loop, so a
   write (or any request) that arrives meanwhile waits for one batch, not for the whole fan-out.
+  A connection the hub answered is not read until its batch comes: the clients' re-polls, sent
+  the moment the answers arrive, are then taken in batches too.
 
 A wake-up is a hint: waiters compare versions (or cursors) and ignore stale or duplicate changes.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 
@@ -31,6 +34,9 @@ WATCH_KEY = "*"  # not a valid task id, so it never collides with one
 # Waiters woken per turn of the event loop: ~5 ms of handler work at the measured cost, so a
 # request arriving during a large fan-out is served after one batch (see bench/RESULTS.md).
 WAKE_BATCH = 128
+# Direct answers written per turn of the loop (~5 ms of system calls), so a write's own answer
+# does not wait for 10,000 of them.
+ANSWER_BATCH = 1024
 # Holds end on a clock of this period, one timer per tick for all the waits ending in it (a timer
 # per wait costs ~700 bytes and a heap entry). A deadline is rounded up: a wait ends at most one
 # tick late (``api._poll_timeout`` takes the tick out of the hold it asks for).
@@ -86,7 +92,7 @@ class DirectAnswer:
 
     __slots__ = ("since", "transport")
 
-    def __init__(self, transport: asyncio.WriteTransport, since: int) -> None:
+    def __init__(self, transport: asyncio.Transport, since: int) -> None:
         self.transport = transport
         self.since = since
 
@@ -98,7 +104,7 @@ class Waiter:
     already in the waiter's pending changes, so no wake-up can fall between the read and the wait.
     """
 
-    __slots__ = ("_direct", "_expiry", "_hub", "_key", "_pending", "_wake", "delivered")
+    __slots__ = ("_direct", "_due", "_expiry", "_hub", "_key", "_pending", "_wake", "delivered")
 
     def __init__(self, hub: Hub, key: str) -> None:
         self._hub = hub
@@ -106,6 +112,7 @@ class Waiter:
         self._pending: list[Change] = []  # published since registering, not looked at yet
         self._wake: asyncio.Future[None] | None = None  # set while the waiter sleeps
         self._direct: DirectAnswer | None = None
+        self._due: Change | None = None  # accepted for a direct answer not written yet
         self._expiry = 0  # the tick of this wait's deadline; -1 once it has passed
         self.delivered: Change | None = None  # the change whose answer the hub wrote itself
 
@@ -119,10 +126,11 @@ class Waiter:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._direct = None
+        if self.delivered is None:
+            self._direct = None  # (else the hub still has to resume reading its connection)
         self._hub._unregister(self, disconnected=exc_type is asyncio.CancelledError)
 
-    def answer_directly(self, transport: asyncio.WriteTransport, since: int) -> None:
+    def answer_directly(self, transport: asyncio.Transport, since: int) -> None:
         """Let the hub write this long poll's answer (``Hub(answer=...)``) for the first change
         of the task above version ``since``, the moment it is published.
 
@@ -146,6 +154,10 @@ class Waiter:
         while True:
             if self.delivered is not None:
                 return self.delivered
+            due = self._due
+            if due is not None:  # woken (timeout, shutdown) before the hub answered it
+                self._due = self._direct = None
+                return due
             found = None
             while self._pending:
                 change = self._pending.pop(0)
@@ -164,22 +176,45 @@ class Waiter:
             finally:
                 self._wake = None
 
-    def _offer(self, change: Change, encode: AnswerEncoder | None) -> asyncio.Future[None] | None:
-        """Hub side: take ``change``; the future to resolve if the waiter must wake for it."""
+    def _offer(self, change: Change) -> bool:
+        """Hub side: take ``change``; whether the hub must then answer or wake the waiter (a
+        waiter answered directly is both, in that order: ``_write_answer``, then ``_release``)."""
         if self.delivered is not None:
-            return None  # answered: it only has to finish
+            return False  # answered: it only has to finish
         direct = self._direct
-        if direct is not None and encode is not None and change.state.version > direct.since:
-            if not direct.transport.is_closing():
-                direct.transport.write(change.answer(encode))
-                self.delivered = change
-                self._direct = None
-            else:
-                self._pending.append(change)  # the client left: its handler is cancelled soon
-        else:
-            self._pending.append(change)
+        if direct is not None and change.state.version > direct.since:
+            first = self._due is None
+            self._due = change  # the newest one is the one its answer will carry
+            return first
+        self._pending.append(change)
         wake = self._wake
-        return wake if wake is not None and not wake.done() else None
+        return wake is not None and not wake.done()
+
+    def _write_answer(self, encode: AnswerEncoder) -> None:
+        """Hub side: write the answer that is due, unless the waiter took it itself meanwhile."""
+        change, direct = self._due, self._direct
+        if change is None or direct is None:
+            return
+        self._due = None
+        if direct.transport.is_closing():  # the client left: its handler is cancelled soon
+            self._direct = None
+            self._pending.append(change)
+            return
+        direct.transport.write(change.answer(encode))
+        # The client asks again as soon as it reads this: leave its next request in the socket
+        # until ``_release``, so the re-polls of a fan-out come in batches too.
+        direct.transport.pause_reading()
+        self.delivered = change
+
+    def _release(self) -> None:
+        """Hub side, a batch at a time: wake the waiter, and read its connection again."""
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+        if self.delivered is not None:
+            direct, self._direct = self._direct, None
+            if direct is not None and not direct.transport.is_closing():
+                direct.transport.resume_reading()
 
 
 class Hub:
@@ -193,6 +228,10 @@ class Hub:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._expiring: dict[int, list[Waiter]] = {}  # tick -> waiters whose wait ends in it
+        # The fan-out in progress: answers to write, then waiters to release (see ``_drain``)
+        self._answers: deque[Waiter] = deque()
+        self._releases: deque[Waiter] = deque()
+        self._draining = False
         self._disconnected = 0  # waiters whose client went away, since the last report
         self.serializations = 0  # response bodies built by publish, for all waiters together
         self.direct_answers = 0  # long polls the hub answered itself
@@ -204,32 +243,40 @@ class Hub:
         if task_waiters:
             change.encode_body()
             self.serializations += 1
-            self._offer(task_waiters, change, self._answer)
+            self._offer(task_waiters, change)
         watches = self._waiters.get(WATCH_KEY)
         if watches:
             change.encode_watch_body()
             self.serializations += 1
-            self._offer(watches, change, None)
+            self._offer(watches, change)
 
-    def _offer(
-        self, waiters: dict[Waiter, None], change: Change, encode: AnswerEncoder | None
-    ) -> None:
-        wakes = []
+    def _offer(self, waiters: dict[Waiter, None], change: Change) -> None:
         for waiter in tuple(waiters):
-            wake = waiter._offer(change, encode)
-            if waiter.delivered is change:
-                self.direct_answers += 1
-            if wake is not None:
-                wakes.append(wake)
-        self._wake(wakes, 0)
+            if waiter._offer(change):
+                if waiter._due is change:
+                    self._answers.append(waiter)
+                else:
+                    self._releases.append(waiter)
+        if not self._draining:
+            self._drain()  # the first turn at once: a small fan-out is done here and now
 
-    def _wake(self, wakes: list[asyncio.Future[None]], start: int) -> None:
-        end = start + WAKE_BATCH
-        for wake in wakes[start:end]:
-            if not wake.done():
-                wake.set_result(None)
-        if end < len(wakes):
-            self.loop().call_soon(self._wake, wakes, end)
+    def _drain(self) -> None:
+        """One turn of the fan-out: up to ``ANSWER_BATCH`` answers written, then up to
+        ``WAKE_BATCH`` waiters released (the first answered first); again next turn if more."""
+        answers, releases = self._answers, self._releases
+        if answers:
+            assert self._answer is not None  # only a hub that answers has answers due
+            for _ in range(min(ANSWER_BATCH, len(answers))):
+                waiter = answers.popleft()
+                waiter._write_answer(self._answer)
+                if waiter.delivered is not None:
+                    self.direct_answers += 1
+                releases.append(waiter)
+        for _ in range(min(WAKE_BATCH, len(releases))):
+            releases.popleft()._release()
+        self._draining = bool(answers or releases)
+        if self._draining:
+            self.loop().call_soon(self._drain)
 
     def _expire_at(self, waiter: Waiter, deadline: float) -> None:
         tick = waiter._expiry = math.ceil(deadline / TICK)

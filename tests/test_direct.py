@@ -5,6 +5,10 @@ request."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+
+from service.hub import ANSWER_BATCH, Change
+from service.model import Cursor, TaskState
 
 from .conftest import Client, ClientFactory, hub_of, put, wait_for_waiters
 
@@ -124,3 +128,41 @@ async def test_an_http_1_0_poll_is_answered_the_ordinary_way(make_client: Client
     assert answer.startswith(b"HTTP/1.0 200 OK\r\n")
     assert hub.direct_answers == 0
     writer.close()
+
+
+async def test_a_large_fan_out_is_written_in_batches_and_a_burst_coalesces_to_the_newest(
+    make_client: ClientFactory,
+) -> None:
+    """More polls than one batch: the first ANSWER_BATCH are answered in the publish call, the
+    rest on later turns of the loop; a second change published before a poll's turn comes is the
+    one it gets. Every connection gets exactly one answer."""
+    client = await make_client()
+    hub = hub_of(client)
+    await put(client, "t", status="in_progress")
+    count = ANSWER_BATCH + 76
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    for _ in range(count // 100 + 1):  # in steps: the listen backlog is finite
+        connections += [
+            await raw_poll(client, "t", 1) for _ in range(min(100, count - len(connections)))
+        ]
+        await wait_for_waiters(client, len(connections), 10)
+    second = Change(TaskState(task="t", status="completed", version=2), Cursor("e", 2))
+    third = Change(TaskState(task="t", status="failed", version=3), Cursor("e", 3))
+    hub.publish(second)
+    assert hub.direct_answers == ANSWER_BATCH  # this turn's batch; the rest are due
+    hub.publish(third)  # before the next turn
+    answers = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
+    etags = Counter(dict(headers)["ETag"] for _, headers, _ in answers)
+    assert etags == {'"2"': ANSWER_BATCH, '"3"': 76}
+    assert hub.direct_answers == count
+    await wait_for_waiters(client, 0, 10)
+    # Nothing else was written on any connection: the next answer on each is the next request's
+    # (the store is still at version 1, so a poll "since 3" is ahead and answered at once).
+    for connection in connections:
+        await raw_poll(client, "t", 3, reader_writer=connection)
+    after = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
+    assert {(status, dict(headers)["ETag"]) for status, headers, _ in after} == {
+        ("HTTP/1.1 200 OK", '"1"')
+    }
+    for _, writer in connections:
+        writer.close()
