@@ -64,7 +64,7 @@ def change_response(change: Change) -> web.Response:
 # --- query parsing ----------------------------------------------------------------------------
 
 
-def _single(request: web.Request, name: str) -> str | None:
+def single_param(request: web.Request, name: str) -> str | None:
     values = request.query.getall(name, [])
     if len(values) > 1:
         raise bad_request("duplicate_parameter", f"{name} given more than once")
@@ -72,7 +72,7 @@ def _single(request: web.Request, name: str) -> str | None:
 
 
 def _required_counter(request: web.Request, name: str) -> int:
-    raw = _single(request, name)
+    raw = single_param(request, name)
     if raw is None:
         raise bad_request("missing_parameter", f"{name} is required")
     return parse_counter(name, raw)
@@ -88,7 +88,7 @@ def _poll_timeout(request: web.Request, asked: int | None = None) -> float:
     """
     config = request.app[CONFIG]
     if asked is None:
-        raw = _single(request, "timeout")
+        raw = single_param(request, "timeout")
         asked = config.poll_timeout if raw is None else parse_counter("timeout", raw)
     hold = min(asked, config.poll_timeout_max)
     return hold - max(TICK, random.uniform(0, min(hold * 0.1, 2.0)))
@@ -99,7 +99,7 @@ def _retry_after() -> str:
     return str(random.randint(1, 3))
 
 
-def _admit_waiter(request: web.Request) -> None:
+def admit_waiter(request: web.Request) -> None:
     """Refuse a new held request past the instance's cap; those already held are untouched."""
     if request.app[HUB].waiting_total >= request.app[CONFIG].max_held_polls:
         raise ApiError(
@@ -125,7 +125,7 @@ def _nothing_new(request: web.Request, etag: int | None = None) -> web.Response:
     return web.Response(status=status, headers=headers)
 
 
-def _task_id(request: web.Request) -> str:
+def task_id_of(request: web.Request) -> str:
     return validate_task_id(request.match_info["task_id"])
 
 
@@ -138,7 +138,7 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def get_task(request: web.Request) -> web.StreamResponse:
     """The state; a conditional GET (``If-None-Match``, ``Prefer: wait``) is a long poll."""
-    task_id = _task_id(request)
+    task_id = task_id_of(request)
     backend = request.app[BACKEND]
     tags = parse_if_none_match(request.headers.getall(hdrs.IF_NONE_MATCH, []))
     if tags is None:  # unconditional, or naming no state of ours: nothing matches
@@ -160,7 +160,7 @@ async def get_task(request: web.Request) -> web.StreamResponse:
 
 async def task_history(request: web.Request) -> web.Response:
     """The task's last changes, newest first (empty for a task never written)."""
-    task_id = _task_id(request)
+    task_id = task_id_of(request)
     entries = await request.app[BACKEND].history(task_id)
     return json_response({"task": task_id, "history": [entry.to_dict() for entry in entries]})
 
@@ -184,7 +184,7 @@ async def _poll(
     """Hold until the task's version is not ``since``, for ``asked`` seconds (default: the query's
     ``timeout``); a ``conditional`` GET answers 304 rather than 204 when nothing changed."""
     timeout = _poll_timeout(request, asked)
-    _admit_waiter(request)
+    admit_waiter(request)
     hub = request.app[HUB]
     backend = request.app[BACKEND]
     with hub.waiting(task_id) as waiter:
@@ -210,12 +210,12 @@ async def poll_status(request: web.Request) -> web.StreamResponse:
 
 
 async def poll_task(request: web.Request) -> web.StreamResponse:
-    task_id = _task_id(request)
+    task_id = task_id_of(request)
     return await _poll(request, task_id, _required_counter(request, "since"))
 
 
-def _watch_filter(request: web.Request) -> frozenset[str] | None:
-    raw = _single(request, "tasks")
+def watch_filter(request: web.Request) -> frozenset[str] | None:
+    raw = single_param(request, "tasks")
     if raw is None:
         return None
     ids = frozenset(validate_task_id(part) for part in raw.split(","))
@@ -229,10 +229,10 @@ async def watch(request: web.Request) -> web.StreamResponse:
 
     One request covers the whole board, however many tasks it shows and however many are created.
     """
-    since = parse_cursor(_single(request, "since") or "")
-    only = _watch_filter(request)
+    since = parse_cursor(single_param(request, "since") or "")
+    only = watch_filter(request)
     timeout = _poll_timeout(request)
-    _admit_waiter(request)
+    admit_waiter(request)
     hub, backend = request.app[HUB], request.app[BACKEND]
     deadline = asyncio.get_running_loop().time() + timeout
     with hub.waiting(WATCH_KEY) as waiter:
@@ -324,7 +324,7 @@ async def update_status(request: web.Request) -> web.Response:
 
 
 async def put_task(request: web.Request) -> web.Response:
-    return await _write(request, _task_id(request))
+    return await _write(request, task_id_of(request))
 
 
 def setup_api_routes(app: web.Application) -> None:

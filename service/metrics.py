@@ -60,6 +60,7 @@ METRICS_PATH: Final = "/metrics"
 
 TRANSPORTS: Final = ("longpoll", "watch", "dashboard")
 DELIVERING: Final = ("longpoll", "watch")  # those that answer with a change (notify delay)
+STREAMS: Final = ("sse", "ws")  # held and delivering too, but answered only when they end
 POLL_OUTCOMES: Final = ("changed", "timeout", "disconnected", "rejected")
 WRITE_RESULTS: Final = (
     "ok",
@@ -161,12 +162,13 @@ class Metrics:
     """This instance's counts, and the registry that exports them."""
 
     def __init__(self, backend: Backend) -> None:
-        self.held: Counter[str] = Counter(dict.fromkeys(TRANSPORTS, 0))
+        # Every series exists from the start (at 0), so a dashboard's rate() sees the first one.
+        self.held: Counter[str] = Counter(dict.fromkeys(TRANSPORTS + STREAMS, 0))
         self.polls: Counter[tuple[str, str]] = Counter(
             {(t, o): 0 for t in TRANSPORTS for o in POLL_OUTCOMES}
         )
         self.writes: Counter[str] = Counter(dict.fromkeys(WRITE_RESULTS, 0))
-        self.notify_delay = {transport: DelayHistogram() for transport in DELIVERING}
+        self.notify_delay = {transport: DelayHistogram() for transport in DELIVERING + STREAMS}
         self.tasks: int | None = None  # tasks in the store, as of the last stats tick
         self.backend = backend
         # Every waiter woken by one change asks for its publish time: parse it once.

@@ -28,7 +28,7 @@ import weakref
 
 from aiohttp import web
 
-from .api import _admit_waiter, _single, _task_id, _watch_filter
+from .api import admit_waiter, single_param, task_id_of, watch_filter
 from .auth import enforced_grant
 from .errors import BackendUnavailable
 from .feeds import BoardFeed, Event, TaskFeed
@@ -70,14 +70,14 @@ def _resume_from(request: web.Request) -> tuple[str, str | None]:
     last = request.headers.get("Last-Event-ID", "").strip()
     if last:
         return "Last-Event-ID", last
-    return "since", _single(request, "since")
+    return "since", single_param(request, "since")
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:
-    task_id = _task_id(request)
+    task_id = task_id_of(request)
     name, raw = _resume_from(request)
     since = None if raw is None else parse_counter(name, raw)
-    _admit_waiter(request)
+    admit_waiter(request)
     with request.app[HUB].waiting(task_id) as waiter:
         feed = TaskFeed(request.app[BACKEND], waiter, task_id, since)
         return await _stream(request, feed)
@@ -86,8 +86,8 @@ async def task_events(request: web.Request) -> web.StreamResponse:
 async def board_events(request: web.Request) -> web.StreamResponse:
     _, raw = _resume_from(request)
     since = parse_cursor(raw or "")
-    only = _watch_filter(request)
-    _admit_waiter(request)
+    only = watch_filter(request)
+    admit_waiter(request)
     with request.app[HUB].waiting(WATCH_KEY) as waiter:
         feed = BoardFeed(request.app[BACKEND], waiter, only, since)
         return await _stream(request, feed)

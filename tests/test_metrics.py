@@ -78,6 +78,14 @@ async def until_scraped(client: Client, check: Any, what: str, timeout: float = 
 # --- polls --------------------------------------------------------------------------------------
 
 
+async def test_every_transport_is_exported_at_zero_before_its_first_client(client: Client) -> None:
+    samples = await scrape(client)
+    for transport in ("longpoll", "watch", "dashboard", "sse", "ws"):
+        assert held(samples, transport) == 0
+    for transport in ("longpoll", "watch", "sse", "ws"):
+        assert delivered(samples, transport) == 0
+
+
 async def test_a_held_poll_shows_as_held_and_its_wake_up_counts_as_changed(client: Client) -> None:
     before = await scrape(client)
     assert held(before) == 0

@@ -374,6 +374,17 @@ async def test_a_connection_follows_at_most_its_maximum_of_subscriptions(client:
     await wait_for_waiters(client, 0)  # closing the socket ends every subscription
 
 
+async def test_permessage_deflate_offered_by_a_client_is_declined(client: Client) -> None:
+    """Browsers offer compression; a zlib context per socket costs ~100 KiB for messages of
+    ~150 bytes (bench transports), so the server answers without the extension."""
+    ws = await client.ws_connect("/api/ws", compress=15)
+    try:
+        assert ws.compress == 0
+        assert await receive(ws) == {"hello": {"instance": INSTANCE_ID}}
+    finally:
+        await ws.close()
+
+
 # --- keep-alive -------------------------------------------------------------------------------
 
 
