@@ -8,6 +8,7 @@ service instances, nginx master and workers, Nchan, Redis, the seed.
 from __future__ import annotations
 
 import bisect
+import os
 import math
 import shutil
 import signal
@@ -292,7 +293,7 @@ def start_profiles(target: Target, where: Path | None, name: str) -> list[subpro
             # --native: C frames too, so time in the cyclic GC (gc_collect_main) shows by name
             # (native stacks need the process paused for each sample: profile runs are slower)
             argv = [spy, "record", "--pid", str(pids[0]), "--rate", "100",
-                    "--native", "--format", "raw",
+                    *(["--native"] if os.environ.get("BENCH_NATIVE", "1") == "1" else []), "--format", "raw",
                     "--output", str(where / f"{name}-{role}.txt")]  # fmt: skip
             out.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(0.5)  # attached

@@ -185,17 +185,22 @@ async def _poll(
     ``timeout``); a ``conditional`` GET answers 304 rather than 204 when nothing changed."""
     timeout = _poll_timeout(request, asked)
     admit_waiter(request)
-    hub = request.app[HUB]
-    backend = request.app[BACKEND]
+    config, hub, backend = request.app[CONFIG], request.app[HUB], request.app[BACKEND]
     with hub.waiting(task_id) as waiter:
         state = backend.peek(task_id)
         if state is None or state.version < since:
             # Unknown here, or the client is ahead of what this instance has seen: ask the store.
             state = await backend.get(task_id)
+        direct = not conditional and may_answer_directly(request, bool(config.cors_origins))
         if state.version != since:  # also when the client is ahead: it resyncs after a reset
+            latest = hub.latest(task_id)
+            if direct and latest is not None and latest.state == state:
+                assert request.transport is not None  # may_answer_directly checked it
+                if hub.answer_now(request.transport, latest):
+                    return AlreadyAnswered()  # (no notify delay: it is not a wake-up)
             return state_response(state)
-        cors = bool(request.app[CONFIG].cors_origins)
-        if not conditional and request.transport and may_answer_directly(request, cors):
+        if direct:
+            assert request.transport is not None
             waiter.answer_directly(request.transport, since)
         change = await waiter.wait(lambda c: c.state.version > since, timeout, newest=True)
     if change is None:

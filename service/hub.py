@@ -24,19 +24,21 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from types import TracebackType
 
 from .model import Cursor, TaskState, WatchBatch
 
 WATCH_KEY = "*"  # not a valid task id, so it never collides with one
-# Waiters woken per turn of the event loop: ~5 ms of handler work at the measured cost, so a
-# request arriving during a large fan-out is served after one batch (see bench/RESULTS.md).
-WAKE_BATCH = 128
-# Direct answers written per turn of the loop (~5 ms of system calls), so a write's own answer
+# Waiters woken (and answered connections read again) per turn of the event loop: ~2 ms of
+# handler work and re-polls at the measured cost, so a write arriving during a storm of re-polls
+# waits a few short turns (bench: 32 against 128 took a write's ack from ~35 to ~20 ms).
+WAKE_BATCH = 32
+# Direct answers written per turn of the loop (~3 ms of system calls), so a write's own answer
 # does not wait for 10,000 of them.
-ANSWER_BATCH = 1024
+ANSWER_BATCH = 512
+LATEST_KEPT = 1024  # tasks whose last change the hub keeps, ready to answer a poll that is behind
 # Holds end on a clock of this period, one timer per tick for all the waits ending in it (a timer
 # per wait costs ~700 bytes and a heap entry). A deadline is rounded up: a wait ends at most one
 # tick late (``api._poll_timeout`` takes the tick out of the hold it asks for).
@@ -231,7 +233,10 @@ class Hub:
         # The fan-out in progress: answers to write, then waiters to release (see ``_drain``)
         self._answers: deque[Waiter] = deque()
         self._releases: deque[Waiter] = deque()
+        self._resumes: deque[asyncio.Transport] = deque()  # answered at once (``answer_now``)
         self._draining = False
+        # task -> its last change published with a body, for answering polls that are behind
+        self._latest: OrderedDict[str, Change] = OrderedDict()
         self._disconnected = 0  # waiters whose client went away, since the last report
         self.serializations = 0  # response bodies built by publish, for all waiters together
         self.direct_answers = 0  # long polls the hub answered itself
@@ -239,10 +244,12 @@ class Hub:
     # --- the backend side ---------------------------------------------------------------------
 
     def publish(self, change: Change) -> None:
-        task_waiters = self._waiters.get(change.state.task)
+        task = change.state.task
+        task_waiters = self._waiters.get(task)
         if task_waiters:
             change.encode_body()
             self.serializations += 1
+            self._remember(task, change)
             self._offer(task_waiters, change)
         watches = self._waiters.get(WATCH_KEY)
         if watches:
@@ -260,6 +267,33 @@ class Hub:
         if not self._draining:
             self._drain()  # the first turn at once: a small fan-out is done here and now
 
+    def _remember(self, task: str, change: Change) -> None:
+        latest = self._latest
+        latest[task] = change
+        latest.move_to_end(task)
+        if len(latest) > LATEST_KEPT:
+            latest.popitem(last=False)
+
+    def latest(self, task: str) -> Change | None:
+        """The last change of ``task`` published while it had waiters (of the ``LATEST_KEPT``
+        tasks most recently changed), with its body: what a poll that is behind is answered."""
+        return self._latest.get(task)
+
+    def answer_now(self, transport: asyncio.Transport, change: Change) -> bool:
+        """Answer a poll that is behind with ``change`` (the current state) the way the hub
+        answers a held one: its prebuilt answer, then the connection read again in its turn.
+        False when this hub has no answers to give (the caller answers the ordinary way)."""
+        if self._answer is None or transport.is_closing():
+            return False
+        transport.write(change.answer(self._answer))
+        transport.pause_reading()
+        self._resumes.append(transport)
+        self.direct_answers += 1
+        if not self._draining:
+            self._draining = True
+            self.loop().call_soon(self._drain)
+        return True
+
     def _drain(self) -> None:
         """One turn of the fan-out: up to ``ANSWER_BATCH`` answers written, then up to
         ``WAKE_BATCH`` waiters released (the first answered first); again next turn if more."""
@@ -272,9 +306,16 @@ class Hub:
                 if waiter.delivered is not None:
                     self.direct_answers += 1
                 releases.append(waiter)
-        for _ in range(min(WAKE_BATCH, len(releases))):
+        budget = WAKE_BATCH
+        resumes = self._resumes
+        for _ in range(min(budget, len(releases))):
             releases.popleft()._release()
-        self._draining = bool(answers or releases)
+            budget -= 1
+        for _ in range(min(budget, len(resumes))):
+            transport = resumes.popleft()
+            if not transport.is_closing():
+                transport.resume_reading()
+        self._draining = bool(answers or releases or resumes)
         if self._draining:
             self.loop().call_soon(self._drain)
 

@@ -166,3 +166,32 @@ async def test_a_large_fan_out_is_written_in_batches_and_a_burst_coalesces_to_th
     }
     for _, writer in connections:
         writer.close()
+
+
+async def test_a_poll_that_is_behind_gets_the_prebuilt_answer_and_its_connection_is_read_again(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client()
+    hub = hub_of(client)
+    await put(client, "t", status="in_progress")
+    held = await raw_poll(client, "t", 1)
+    await wait_for_waiters(client, 1)
+    await put(client, "t", status="completed")  # answered directly: the hub keeps the change
+    await read_answer(held[0])
+    answered = hub.direct_answers
+    behind = await raw_poll(client, "t", 0)
+    ordinary = await raw_poll(client, "t", 0, extra="Connection: close\r\n")
+    status, headers, body = await read_answer(behind[0])
+    ordinary_status, ordinary_headers, ordinary_body = await read_answer(ordinary[0])
+    assert hub.direct_answers == answered + 1
+    assert status == ordinary_status == "HTTP/1.1 200 OK"
+    assert (body, comparable(headers)) == (ordinary_body, comparable(ordinary_headers))
+    assert dict(headers)["ETag"] == '"2"'
+    # Its connection is read again in its turn: the next poll on it is held, then answered.
+    await raw_poll(client, "t", 2, reader_writer=behind)
+    await wait_for_waiters(client, 1)
+    await put(client, "t", progress=100)
+    _, headers, _ = await read_answer(behind[0])
+    assert dict(headers)["ETag"] == '"3"'
+    for _, writer in (held, behind, ordinary):
+        writer.close()
