@@ -8,8 +8,8 @@ service instances, nginx master and workers, Nchan, Redis, the seed.
 from __future__ import annotations
 
 import bisect
-import os
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -292,8 +292,10 @@ def start_profiles(target: Target, where: Path | None, name: str) -> list[subpro
         if role.startswith("instance"):
             # --native: C frames too, so time in the cyclic GC (gc_collect_main) shows by name
             # (native stacks need the process paused for each sample: profile runs are slower)
-            argv = [spy, "record", "--pid", str(pids[0]), "--rate", "100",
-                    *(["--native"] if os.environ.get("BENCH_NATIVE", "1") == "1" else []), "--format", "raw",
+            # BENCH_NATIVE=0: Python frames only (native sampling overweights system calls)
+            native = ["--native"] if os.environ.get("BENCH_NATIVE", "1") == "1" else []
+            argv = [spy, "record", "--pid", str(pids[0]), "--rate", "100", *native,
+                    "--format", "raw",
                     "--output", str(where / f"{name}-{role}.txt")]  # fmt: skip
             out.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(0.5)  # attached
