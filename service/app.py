@@ -28,7 +28,7 @@ from .metrics import setup_metrics
 from .middleware import add_security_headers, add_standard_headers, errors_middleware
 from .openapi import setup_openapi_routes
 from .ratelimit import setup_rate_limit
-from .runtime import freeze_startup_objects, install_event_loop, scheduled_gc_ctx
+from .runtime import freeze_startup_objects, install_event_loop, scheduled_gc
 from .sse import setup_sse_routes
 from .views import setup_page_routes
 from .ws import setup_ws_routes
@@ -141,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("open file limit: %d", raise_open_file_limit())
     log.info("event loop: %s", install_event_loop(config.event_loop))
     app = create_app(config)
-    app.cleanup_ctx.append(scheduled_gc_ctx)
+    hub = app[HUB]
+    app.cleanup_ctx.append(scheduled_gc(lambda: hub.busy))
     freeze_startup_objects()
     web.run_app(
         app,

@@ -380,6 +380,11 @@ class Hub:
         return self._closed
 
     @property
+    def busy(self) -> bool:
+        """A fan-out is in progress: answers to write or waiters to release on later turns."""
+        return self._draining
+
+    @property
     def answers_directly(self) -> bool:
         return self._answer is not None
 

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +53,36 @@ YOUNG_EVERY = 10.0  # seconds between collections of generations 0 and 1
 FULL_EVERY = 30  # young collections between full ones (5 minutes)
 
 
-async def scheduled_gc_ctx(app: object) -> AsyncIterator[None]:
-    """cleanup_ctx of the server process: the collector runs on a clock, not on allocations."""
-    gc.disable()
+QUIET_CHECK = 0.05  # seconds between looks for a quiet moment to collect in
+QUIET_WAIT_MAX = 5.0  # a collection waits at most this long for one
 
-    async def collect() -> None:
-        rounds = 0
-        while True:
-            await asyncio.sleep(YOUNG_EVERY)
-            rounds += 1
-            gc.collect(2 if rounds % FULL_EVERY == 0 else 1)
 
-    task = asyncio.create_task(collect(), name="scheduled-gc")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        gc.enable()
+def scheduled_gc(busy: Callable[[], bool]) -> Callable[[object], AsyncIterator[None]]:
+    """cleanup_ctx of the server process: the collector runs on a clock, not on allocations, and
+    at a moment ``busy()`` is false (no fan-out in progress) if one comes within a few seconds:
+    a collection stops the loop for as long as it takes (~260 ms with 10,000 polls held)."""
+
+    async def ctx(app: object) -> AsyncIterator[None]:
+        gc.disable()
+
+        async def collect() -> None:
+            rounds = 0
+            while True:
+                await asyncio.sleep(YOUNG_EVERY)
+                waited = 0.0
+                while busy() and waited < QUIET_WAIT_MAX:
+                    await asyncio.sleep(QUIET_CHECK)
+                    waited += QUIET_CHECK
+                rounds += 1
+                gc.collect(2 if rounds % FULL_EVERY == 0 else 1)
+
+        task = asyncio.create_task(collect(), name="scheduled-gc")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            gc.enable()
+
+    return ctx

@@ -266,20 +266,26 @@ class RedisBackend(Backend):
 
     # --- reads and writes --------------------------------------------------------------------
 
-    async def _call(self, command: Awaitable[Any]) -> Any:
+    async def _call(self, command: Awaitable[Any], *, shielded: bool = True) -> Any:
         """Await a Redis command; an unreachable Redis becomes BackendUnavailable (503).
 
         The command runs in a task of its own, shielded: redis-py (8.1 seen) can swallow the
         cancellation of a task awaiting a command, and a poll whose client disconnected would
         then stay registered. Shielded, the caller is cancelled at once and the command finishes
-        on its own, leaving its connection in a clean state.
+        on its own, leaving its connection in a clean state. A write is awaited directly
+        (``shielded=False``): the task and the shield cost it two turns of the event loop, each
+        as long as the fan-out work in it, and a write that finishes although its client left
+        is what it should do anyway.
         """
-        task = asyncio.ensure_future(command)
         try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(_consume_outcome)
-            raise
+            if not shielded:
+                return await command
+            task = asyncio.ensure_future(command)
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                task.add_done_callback(_consume_outcome)
+                raise
         except RedisError as exc:
             self.errors += 1
             if not _connection_error(exc):
@@ -328,7 +334,7 @@ class RedisBackend(Backend):
         self, task_id: str, update: TaskUpdate, subject: str | None = None
     ) -> WriteResult:
         keys, args = self.write_call(task_id, update, subject)
-        outcome, *rest = await self._call(self.write_script(keys=keys, args=args))
+        outcome, *rest = await self._call(self.write_script(keys=keys, args=args), shielded=False)
         if outcome == b"conflict":
             raise VersionConflict(TaskState.from_dict(json.loads(rest[0])))
         if outcome == b"task_limit":
