@@ -321,7 +321,7 @@ TRANSPORT_TITLES = {
     "longpoll": "long polling",
     "sse": "SSE",
     "ws": "WebSocket",
-    "ws-deflate": "WebSocket, deflate",
+    "ws-deflate": "WebSocket, deflate offered",
 }
 
 

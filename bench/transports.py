@@ -19,9 +19,10 @@ They send only the headers the protocol needs (a browser adds a few hundred byte
 every long poll, once to a stream). A long poll asks again the moment its answer arrives; an SSE
 client parses ``id:``/``data:`` events out of the chunked answer; a WebSocket client does the
 handshake, sends masked text frames, reads the server's unmasked ones and answers pings; ``ws``
-offers no extension, ``ws-deflate`` offers permessage-deflate as browsers do (aiohttp accepts it
-by default) and inflates what it gets. A client that drops is counted as an error, never
-reconnected: each measurement is bounded in clients, updates and time.
+offers no extension, ``ws-deflate`` offers permessage-deflate as browsers do and inflates what it
+gets if the server accepts (aiohttp does by default; this service declines it). A client that
+drops is counted as an error, never reconnected: each measurement is bounded in clients, updates
+and time.
 """
 
 from __future__ import annotations
@@ -292,8 +293,7 @@ class WebSocket(Client):
                 raise ProtocolError(head[:12].decode(errors="replace"))
             if b"permessage-deflate" in head:
                 self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            elif self.OFFER:
-                raise ProtocolError("permessage-deflate refused")
+            # else declined (the service does since 0c49da8): plain frames, as ``ws``
             self.upgraded = True
         while len(buf) >= 2:
             first, second = buf[0], buf[1]
