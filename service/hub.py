@@ -38,7 +38,7 @@ WAKE_BATCH = 32
 # Direct answers written per turn of the loop (~3 ms of system calls), so a write's own answer
 # does not wait for 10,000 of them.
 ANSWER_BATCH = 512
-LATEST_KEPT = 1024  # tasks whose last change the hub keeps, ready to answer a poll that is behind
+LATEST_KEPT = 1024  # tasks whose last change the hub keeps, to answer polls that are behind
 # Holds end on a clock of this period, one timer per tick for all the waits ending in it (a timer
 # per wait costs ~700 bytes and a heap entry). A deadline is rounded up: a wait ends at most one
 # tick late (``api._poll_timeout`` takes the tick out of the hold it asks for).
@@ -65,8 +65,11 @@ class Change:
 
     @property
     def body(self) -> bytes:
-        """The state as a JSON response body, shared by every poll of the task it wakes."""
-        assert self._body is not None, "published to task waiters without a body"
+        """The state as a JSON response body, shared by every poll of the task it reaches
+        (encoded by ``publish`` when the task has waiters, else on first use)."""
+        if self._body is None:
+            self.encode_body()
+            assert self._body is not None
         return self._body
 
     @property
@@ -235,7 +238,7 @@ class Hub:
         self._releases: deque[Waiter] = deque()
         self._resumes: deque[asyncio.Transport] = deque()  # answered at once (``answer_now``)
         self._draining = False
-        # task -> its last change published with a body, for answering polls that are behind
+        # task -> its last change, for answering polls that are behind (``latest``)
         self._latest: OrderedDict[str, Change] = OrderedDict()
         self._disconnected = 0  # waiters whose client went away, since the last report
         self.serializations = 0  # response bodies built by publish, for all waiters together
@@ -245,11 +248,11 @@ class Hub:
 
     def publish(self, change: Change) -> None:
         task = change.state.task
+        self._remember(task, change)
         task_waiters = self._waiters.get(task)
         if task_waiters:
             change.encode_body()
             self.serializations += 1
-            self._remember(task, change)
             self._offer(task_waiters, change)
         watches = self._waiters.get(WATCH_KEY)
         if watches:
@@ -275,8 +278,9 @@ class Hub:
             latest.popitem(last=False)
 
     def latest(self, task: str) -> Change | None:
-        """The last change of ``task`` published while it had waiters (of the ``LATEST_KEPT``
-        tasks most recently changed), with its body: what a poll that is behind is answered."""
+        """The last change of ``task`` (of the ``LATEST_KEPT`` tasks most recently changed): what
+        a poll that is behind is answered with. Every change is kept, watched or not: a poll
+        that is behind finds the state it is answered with here, whoever was waiting then."""
         return self._latest.get(task)
 
     def answer_now(self, transport: asyncio.Transport, change: Change) -> bool:

@@ -195,3 +195,19 @@ async def test_a_poll_that_is_behind_gets_the_prebuilt_answer_and_its_connection
     assert dict(headers)["ETag"] == '"3"'
     for _, writer in (held, behind, ordinary):
         writer.close()
+
+
+async def test_a_change_nobody_waited_for_still_answers_the_polls_that_are_behind(
+    make_client: ClientFactory,
+) -> None:
+    """Else a stream of writes meeting no held poll (all re-polling at that instant) would leave
+    every later poll on the ordinary, unthrottled path."""
+    client = await make_client()
+    hub = hub_of(client)
+    await put(client, "t", status="in_progress")
+    await put(client, "t", status="completed")  # no waiter for either
+    behind = await raw_poll(client, "t", 1)
+    _, headers, _ = await read_answer(behind[0])
+    assert dict(headers)["ETag"] == '"2"'
+    assert hub.direct_answers == 1
+    behind[1].close()
