@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _LUA = Path(__file__).with_name("lua")
 SOCKET_TIMEOUT = 2.0  # seconds: a write fails fast (503) rather than hanging while Redis is away
+COMMAND_TIMEOUT = 3 * SOCKET_TIMEOUT  # a whole command: waiting for a connection, connecting, reply
 FIRST_SUBSCRIBE_WAIT = 5.0  # seconds start() waits for the subscription before serving anyway
 RECONNECT_BASE, RECONNECT_CAP = 0.05, 2.0  # seconds, exponential backoff with full jitter
 HEALTH_CHECK_INTERVAL = 5  # seconds of silence before the subscriber PINGs Redis
@@ -278,20 +279,23 @@ class RedisBackend(Backend):
         is what it should do anyway.
         """
         try:
-            if not shielded:
-                return await command
-            task = asyncio.ensure_future(command)
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                task.add_done_callback(_consume_outcome)
-                raise
+            # Bounded as a whole (pool, connect, reply), whatever redis-py does inside: a client
+            # then gets a 503 after COMMAND_TIMEOUT at worst, never a request that hangs.
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                if not shielded:
+                    return await command
+                task = asyncio.ensure_future(command)
+                try:
+                    return await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    task.add_done_callback(_consume_outcome)
+                    raise
         except RedisError as exc:
             self.errors += 1
             if not _connection_error(exc):
                 log.exception("redis command failed")
             raise BackendUnavailable(type(exc).__name__) from exc
-        except OSError as exc:
+        except OSError as exc:  # TimeoutError (COMMAND_TIMEOUT) included
             self.errors += 1
             raise BackendUnavailable(type(exc).__name__) from exc
 
