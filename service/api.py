@@ -173,6 +173,19 @@ async def list_tasks(request: web.Request) -> web.Response:
 # --- long polls -------------------------------------------------------------------------------
 
 
+class NewerThan:
+    """A poll's test of a change: a version above the one it has (a slotted object is a third
+    of the memory of a lambda and its cell, for each of 10,000 held polls)."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+
+    def __call__(self, change: Change) -> bool:
+        return change.state.version > self.version
+
+
 async def _poll(
     request: web.Request,
     task_id: str,
@@ -202,7 +215,7 @@ async def _poll(
         if direct:
             assert request.transport is not None
             waiter.answer_directly(request.transport, since)
-        change = await waiter.wait(lambda c: c.state.version > since, timeout, newest=True)
+        change = await waiter.wait(NewerThan(since), timeout, newest=True)
     if change is None:
         return _nothing_new(request, etag=since if conditional else None)
     if change is waiter.delivered:
