@@ -25,7 +25,7 @@ import socket
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, cast
@@ -547,15 +547,24 @@ class WriteRun:
 # --- the worker process -----------------------------------------------------------------------
 
 
-def worker_main(pipe: Connection, loop: str) -> None:
+def run_worker(
+    serve: Callable[[Connection], Coroutine[Any, Any, None]], pipe: Connection, loop: str
+) -> None:
+    """A load process's main (here and in ``transports.py``): the open-file limit raised, the
+    cyclic GC off (the clients make no cycles: the client is not the pause it measures), then
+    ``serve(pipe)`` on ``loop``."""
     raise_nofile_limit()
     gc.disable()
     if loop == "uvloop":
         import uvloop
 
-        uvloop.run(_serve(pipe))
+        uvloop.run(serve(pipe))
     else:
-        asyncio.run(_serve(pipe))
+        asyncio.run(serve(pipe))
+
+
+def worker_main(pipe: Connection, loop: str) -> None:
+    run_worker(_serve, pipe, loop)
 
 
 async def _serve(pipe: Connection) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import gc
 import hashlib
 import json
 import multiprocessing
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .dialects import DIALECTS, HOST_HEADER, body_version
-from .load import ProtocolError, ResponseReader, WorkerError, raise_nofile_limit
+from .load import ProtocolError, ResponseReader, WorkerError, run_worker
 from .scenarios import (
     Emit,
     Writer,
@@ -444,14 +443,7 @@ class Worker:
 
 
 def worker_main(pipe: Connection, loop: str) -> None:
-    raise_nofile_limit()
-    gc.disable()  # the clients make no cycles: the client is not the pause it measures
-    if loop == "uvloop":
-        import uvloop
-
-        uvloop.run(_serve(pipe))
-    else:
-        asyncio.run(_serve(pipe))
+    run_worker(_serve, pipe, loop)
 
 
 async def _serve(pipe: Connection) -> None:
