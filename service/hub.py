@@ -301,27 +301,30 @@ class Hub:
     def _drain(self) -> None:
         """One turn of the fan-out: up to ``ANSWER_BATCH`` answers written, then up to
         ``WAKE_BATCH`` waiters released (the first answered first); again next turn if more."""
-        answers, releases = self._answers, self._releases
-        if answers:
-            assert self._answer is not None  # only a hub that answers has answers due
-            for _ in range(min(ANSWER_BATCH, len(answers))):
-                waiter = answers.popleft()
-                waiter._write_answer(self._answer)
-                if waiter.delivered is not None:
-                    self.direct_answers += 1
-                releases.append(waiter)
-        budget = WAKE_BATCH
-        resumes = self._resumes
-        for _ in range(min(budget, len(releases))):
-            releases.popleft()._release()
-            budget -= 1
-        for _ in range(min(budget, len(resumes))):
-            transport = resumes.popleft()
-            if not transport.is_closing():
-                transport.resume_reading()
-        self._draining = bool(answers or releases or resumes)
-        if self._draining:
-            self.loop().call_soon(self._drain)
+        answers, releases, resumes = self._answers, self._releases, self._resumes
+        try:
+            if answers:
+                assert self._answer is not None  # only a hub that answers has answers due
+                for _ in range(min(ANSWER_BATCH, len(answers))):
+                    waiter = answers.popleft()
+                    releases.append(waiter)
+                    waiter._write_answer(self._answer)
+                    if waiter.delivered is not None:
+                        self.direct_answers += 1
+            budget = WAKE_BATCH
+            for _ in range(min(budget, len(releases))):
+                releases.popleft()._release()
+                budget -= 1
+            for _ in range(min(budget, len(resumes))):
+                transport = resumes.popleft()
+                if not transport.is_closing():
+                    transport.resume_reading()
+        finally:
+            # Even if one connection failed (it was taken off its queue): the others, and every
+            # later change, still need their turns.
+            self._draining = bool(answers or releases or resumes)
+            if self._draining:
+                self.loop().call_soon(self._drain)
 
     def _expire_at(self, waiter: Waiter, deadline: float) -> None:
         tick = waiter._expiry = math.ceil(deadline / TICK)
