@@ -567,6 +567,40 @@ def worker_main(pipe: Connection, loop: str) -> None:
     run_worker(_serve, pipe, loop)
 
 
+def start_workers(
+    count: int, target: Callable[[Connection, str], None], loop: str, name: str
+) -> tuple[list[Connection], list[multiprocessing.process.BaseProcess]]:
+    """``count`` fresh worker processes running ``target(pipe, loop)``; their pipes and
+    processes (here and in ``transports.py``)."""
+    ctx = multiprocessing.get_context("spawn")
+    pipes: list[Connection] = []
+    processes: list[multiprocessing.process.BaseProcess] = []
+    for n in range(count):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=target, args=(child, loop), name=f"{name}-{n}", daemon=True)
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        processes.append(proc)
+    return pipes, processes
+
+
+def stop_workers(
+    pipes: Sequence[Connection],
+    processes: Sequence[multiprocessing.process.BaseProcess],
+    exit_message: tuple[Any, ...],
+) -> None:
+    """Ask each worker to exit, then wait for it (killed if it has not within 5 s)."""
+    for pipe in pipes:
+        with contextlib.suppress(OSError):
+            pipe.send(exit_message)
+    for proc in processes:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
 async def _serve(pipe: Connection) -> None:
     loop = asyncio.get_running_loop()
     worker = PollWorker()
@@ -634,18 +668,7 @@ class LoadClient:
 
     def __init__(self, workers: int, loop: str = "uvloop") -> None:
         self.loop = loop
-        ctx = multiprocessing.get_context("spawn")
-        self.pipes: list[Connection] = []
-        self.processes: list[multiprocessing.process.BaseProcess] = []
-        for n in range(workers + 1):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker_main, args=(child, loop), name=f"bench-load-{n}", daemon=True
-            )
-            proc.start()
-            child.close()
-            self.pipes.append(parent)
-            self.processes.append(proc)
+        self.pipes, self.processes = start_workers(workers + 1, worker_main, loop, "bench-load")
         self.pollers = self.pipes[:-1]
         self.writer = self.pipes[-1]
         self._ident = 0
@@ -772,14 +795,7 @@ class LoadClient:
             time.sleep(interval)
 
     def shutdown(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send((0, "exit", None))
-        for proc in self.processes:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+        stop_workers(self.pipes, self.processes, (0, "exit", None))
 
 
 # --- a blocking client for the coordinator's own writes ---------------------------------------

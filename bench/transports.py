@@ -32,7 +32,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import socket
 import time
@@ -46,7 +45,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from .dialects import DIALECTS, HOST_HEADER, body_version
-from .load import ProtocolError, ResponseReader, WorkerError, run_worker
+from .load import (
+    ProtocolError,
+    ResponseReader,
+    WorkerError,
+    run_worker,
+    start_workers,
+    stop_workers,
+)
 from .scenarios import (
     Emit,
     Writer,
@@ -486,18 +492,7 @@ class TransportClient:
     """``workers`` client processes, driven over pipes, one command at a time."""
 
     def __init__(self, workers: int, loop: str = "uvloop") -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.pipes: list[Connection] = []
-        self.processes: list[multiprocessing.process.BaseProcess] = []
-        for n in range(workers):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker_main, args=(child, loop), name=f"bench-transport-{n}", daemon=True
-            )
-            proc.start()
-            child.close()
-            self.pipes.append(parent)
-            self.processes.append(proc)
+        self.pipes, self.processes = start_workers(workers, worker_main, loop, "bench-transport")
 
     def call(self, command: str, args: list[Any], timeout: float = 10.0) -> list[Any]:
         for pipe, arg in zip(self.pipes, args, strict=True):
@@ -554,14 +549,7 @@ class TransportClient:
         return sum(r["left_open"] for r in self.broadcast("close", timeout=30))
 
     def shutdown(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("exit", None))
-        for proc in self.processes:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+        stop_workers(self.pipes, self.processes, ("exit", None))
 
 
 # --- the measurement --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from aiohttp import hdrs, web
 from .auth import GRANT
 from .backend import TaskLimitReached, VersionConflict
 from .conditional import parse_if_none_match, parse_prefer_wait
-from .direct import AlreadyAnswered, may_answer_directly
+from .direct import AlreadyAnswered, direct_transport
 from .errors import ApiError, bad_request
 from .hub import TICK, WATCH_KEY, Change
 from .keys import BACKEND, CONFIG, HUB
@@ -204,17 +204,19 @@ async def _poll(
         if state is None or state.version < since:
             # Unknown here, or the client is ahead of what this instance has seen: ask the store.
             state = await backend.get(task_id)
-        direct = not conditional and may_answer_directly(request, bool(config.cors_origins))
+        transport = None if conditional else direct_transport(request, bool(config.cors_origins))
         if state.version != since:  # also when the client is ahead: it resyncs after a reset
             latest = hub.latest(task_id)
-            if direct and latest is not None and latest.state == state:
-                assert request.transport is not None  # may_answer_directly checked it
-                if hub.answer_now(request.transport, latest):
-                    return AlreadyAnswered()  # (no notify delay: it is not a wake-up)
+            if (
+                transport
+                and latest is not None
+                and latest.state == state
+                and hub.answer_now(transport, latest)
+            ):
+                return AlreadyAnswered()  # (no notify delay: it is not a wake-up)
             return state_response(state)
-        if direct:
-            assert request.transport is not None
-            waiter.answer_directly(request.transport, since)
+        if transport:
+            waiter.answer_directly(transport, since)
         change = await waiter.wait(NewerThan(since), timeout, newest=True)
     if change is None:
         return _nothing_new(request, etag=since if conditional else None)

@@ -2,7 +2,7 @@
 
 A fan-out to 10,000 polls through aiohttp's response machinery costs each of them a response
 object, a header dict, the ``on_response_prepare`` signal and a serialization of the head: most of
-the time a fan-out takes. A poll that qualifies (``may_answer_directly``) hands its connection
+the time a fan-out takes. A poll that qualifies (``direct_transport``) hands its connection
 to its waiter instead, and the hub writes these bytes to every such connection the moment the
 change is published; the handler then returns ``AlreadyAnswered``, which sends nothing.
 
@@ -13,6 +13,7 @@ the same order and with the same values, the security headers of ``middleware.py
 
 from __future__ import annotations
 
+import asyncio
 from email.utils import formatdate
 
 from aiohttp import hdrs, web
@@ -22,15 +23,17 @@ from .hub import AnswerEncoder, Change
 from .middleware import OTHER_POLICY
 
 
-def may_answer_directly(request: web.Request, cors: bool) -> bool:
-    """A plain HTTP/1.1 keep-alive poll whose answer depends on nothing but the change: not one
-    from another origin when CORS is on (its headers name the origin)."""
-    return (
+def direct_transport(request: web.Request, cors: bool) -> asyncio.Transport | None:
+    """The connection of a plain HTTP/1.1 keep-alive poll whose answer depends on nothing but
+    the change (not one from another origin when CORS is on: its headers name the origin); None
+    for any other request, which is answered the ordinary way."""
+    if (
         request.version == HttpVersion11
         and request.keep_alive
         and not (cors and hdrs.ORIGIN in request.headers)
-        and request.transport is not None
-    )
+    ):
+        return request.transport
+    return None
 
 
 def encode_poll_answer(instance_id: str) -> AnswerEncoder:

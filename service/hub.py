@@ -293,7 +293,7 @@ class Hub:
         transport.pause_reading()
         self._resumes.append(transport)
         self.direct_answers += 1
-        if not self._draining:
+        if not self._draining:  # next turn, not now: a turn now would read it again at once
             self._draining = True
             self.loop().call_soon(self._drain)
         return True

@@ -135,3 +135,15 @@ async def test_cancelled_waiter_is_uncounted_and_reported_as_disconnected() -> N
     assert hub.watched_tasks() == []
     assert hub.take_disconnected() == 2
     assert hub.take_disconnected() == 0
+
+
+async def test_wait_for_the_newest_takes_the_last_accepted_of_a_burst_and_drops_the_rest() -> None:
+    """A long poll answered the ordinary way (cross-origin, HTTP/1.0) gets the newest state of a
+    burst, not the first change of it."""
+    hub = Hub()
+    with hub.waiting("t") as waiter:
+        changes = [change("t", version) for version in (1, 2, 3)]
+        for published in changes:
+            hub.publish(published)
+        assert await waiter.wait(lambda c: c.state.version > 0, 0.5, newest=True) is changes[2]
+        assert await waiter.wait(lambda c: True, 0.05) is None  # nothing left pending
