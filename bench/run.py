@@ -46,7 +46,7 @@ FULL = Settings(
     hold_timeout=90.0,
     throughput_waiters=1_000,
     throughput_seconds=5.0,
-    throughput_writers=8,
+    throughput_writers=(8, 64),
     many_tasks=1_000,
     many_waiters=10,
     many_rate=500.0,
@@ -64,7 +64,7 @@ QUICK = Settings(
     hold_timeout=30.0,
     throughput_waiters=1_000,
     throughput_seconds=3.0,
-    throughput_writers=8,
+    throughput_writers=(8, 64),
     many_tasks=100,
     many_waiters=10,
     many_rate=200.0,
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--workers", type=int, default=4, help="poll worker processes")
     parser.add_argument(
+        "--writers", help="comma-separated counts of concurrent writes for throughput (8,64)"
+    )
+    parser.add_argument(
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="the load client's loop"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -140,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         settings = _replace(settings, sizes=tuple(int(s) for s in args.sizes.split(",")))
     if args.rounds:
         settings = _replace(settings, rounds=args.rounds)
+    if args.writers:
+        writers = tuple(int(w) for w in args.writers.split(","))
+        settings = _replace(settings, throughput_writers=writers)
     if args.profile:
         settings = _replace(settings, profile=args.profile.resolve())
     transport_settings = QUICK_TRANSPORTS if args.quick else FULL_TRANSPORTS

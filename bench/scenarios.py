@@ -43,7 +43,7 @@ class Settings:
     hold_timeout: float
     throughput_waiters: int
     throughput_seconds: float
-    throughput_writers: int
+    throughput_writers: tuple[int, ...]  # one throughput run for each count of writers
     many_tasks: int
     many_waiters: int
     many_rate: float
@@ -407,68 +407,83 @@ def fanout_round(
 
 
 def throughput(client: LoadClient, key: str, settings: Settings, workdir: Path, emit: Emit) -> None:
-    n = settings.throughput_waiters
+    """Writes to one task from a closed loop of writers while the polls re-poll, once for each
+    count of writers: 8 measure a write's latency under load, enough writers the most a target
+    accepts."""
     with running(key, workdir) as target:
-        first = create_task(target, FAN_TASK)
-        open_polls(client, target, [FAN_TASK], [0] * n)
-        held_ok, _, held = wait_held(client, target, n, settings.hold_timeout)
-        client.collect()
-        pids = target.pids()
-        cpu0 = cpu_seconds(pids)
-        spec = WriteSpec(
-            "127.0.0.1",
-            target.port,
-            target.dialect,
-            [FAN_TASK],
-            [first],
-            concurrency=settings.throughput_writers,
-            duration=settings.throughput_seconds,
-        )
-        profilers = start_profiles(target, settings.profile, f"{key}-throughput")
-        result = client.write(spec)
-        stop_profiles(profilers)
-        cpu1 = cpu_seconds(pids)
-        log = result["log"]
-        accepted = [(a, v) for a, v in zip(log.acked, log.version, strict=True) if v >= 0]
-        final = max((v for _, v in accepted), default=first)
-        final_ack = max((a for a, v in accepted if v == final), default=result["end"])
-        client.expect(0, final)
-        converged, _ = client.wait(lambda s: s["reached"] >= held, 15)
-        _, versions, times = client.collect()
-        start, end = result["start"], result["end"]
-        window = [(t, v) for v, t in zip(versions, times, strict=True) if start <= t <= end]
-        lags = version_lag(accepted, window)
-        last_final = max(
-            (t for v, t in zip(versions, times, strict=True) if v == final), default=end
-        )
-        acks = [a - s for s, a, v in zip(log.sent, log.acked, log.version, strict=True) if v >= 0]
-        seconds = end - start
-        emit(
-            {
-                "scenario": "throughput",
-                "target": key,
-                "n": held,
-                "all_held": held_ok,
-                "writers": settings.throughput_writers,
-                "seconds": seconds,
-                "writes_sent": result["sent"],
-                "accepted": len(accepted),
-                "accepted_per_s": len(accepted) / seconds,
-                "rejected": result["sent"] - len(accepted),
-                "notifications": len(window),
-                "notifications_per_s": len(window) / seconds,
-                "write_ack_ms": summary_ms(acks),
-                "lag_versions_p50": percentile(lags, 50),
-                "lag_versions_p99": percentile(lags, 99),
-                "lag_versions_max": max(lags, default=0),
-                "converged": converged,
-                "converge_ms_after_last_ack": (last_final - final_ack) * 1e3,
-                "server_cpu": diff(cpu1, cpu0),
-                "writer_cpu": result["cpu"],
-                "errors": {**client.status()["errors"], **result["errors"]},
-            }
-        )
+        version = create_task(target, FAN_TASK)
+        open_polls(client, target, [FAN_TASK], [0] * settings.throughput_waiters)
+        for writers in settings.throughput_writers:
+            version = throughput_run(client, target, key, writers, version, settings, emit)
         client.close()
+
+
+def throughput_run(
+    client: LoadClient,
+    target: Target,
+    key: str,
+    writers: int,
+    first: int,
+    settings: Settings,
+    emit: Emit,
+) -> int:
+    """One run of ``writers`` concurrent writers from version ``first``; the last version."""
+    held_ok, _, held = wait_held(client, target, settings.throughput_waiters, settings.hold_timeout)
+    client.collect()
+    pids = target.pids()
+    cpu0 = cpu_seconds(pids)
+    spec = WriteSpec(
+        "127.0.0.1",
+        target.port,
+        target.dialect,
+        [FAN_TASK],
+        [first],
+        concurrency=writers,
+        duration=settings.throughput_seconds,
+    )
+    profilers = start_profiles(target, settings.profile, f"{key}-throughput-{writers}")
+    result = client.write(spec)
+    stop_profiles(profilers)
+    cpu1 = cpu_seconds(pids)
+    log = result["log"]
+    accepted = [(a, v) for a, v in zip(log.acked, log.version, strict=True) if v >= 0]
+    final = max((v for _, v in accepted), default=first)
+    final_ack = max((a for a, v in accepted if v == final), default=result["end"])
+    client.expect(0, final)
+    converged, _ = client.wait(lambda s: s["reached"] >= held, 15)
+    _, versions, times = client.collect()
+    start, end = result["start"], result["end"]
+    window = [(t, v) for v, t in zip(versions, times, strict=True) if start <= t <= end]
+    lags = version_lag(accepted, window)
+    last_final = max((t for v, t in zip(versions, times, strict=True) if v == final), default=end)
+    acks = [a - s for s, a, v in zip(log.sent, log.acked, log.version, strict=True) if v >= 0]
+    seconds = end - start
+    emit(
+        {
+            "scenario": "throughput",
+            "target": key,
+            "n": held,
+            "all_held": held_ok,
+            "writers": writers,
+            "seconds": seconds,
+            "writes_sent": result["sent"],
+            "accepted": len(accepted),
+            "accepted_per_s": len(accepted) / seconds,
+            "rejected": result["sent"] - len(accepted),
+            "notifications": len(window),
+            "notifications_per_s": len(window) / seconds,
+            "write_ack_ms": summary_ms(acks),
+            "lag_versions_p50": percentile(lags, 50),
+            "lag_versions_p99": percentile(lags, 99),
+            "lag_versions_max": max(lags, default=0),
+            "converged": converged,
+            "converge_ms_after_last_ack": (last_final - final_ack) * 1e3,
+            "server_cpu": diff(cpu1, cpu0),
+            "writer_cpu": result["cpu"],
+            "errors": {**client.status()["errors"], **result["errors"]},
+        }
+    )
+    return final
 
 
 def version_lag(

@@ -34,7 +34,7 @@ WATCH_KEY = "*"  # not a valid task id, so it never collides with one
 # Waiters woken (and answered connections read again) per turn of the event loop: ~2 ms of
 # handler work and re-polls at the measured cost, so a write arriving during a storm of re-polls
 # waits a few short turns (bench: 32 against 128 took a write's ack from ~35 to ~20 ms).
-WAKE_BATCH = 32
+WAKE_BATCH = int(__import__("os").environ.get("WB", "32"))
 # Direct answers written per turn of the loop (~3 ms of system calls), so a write's own answer
 # does not wait for 10,000 of them.
 ANSWER_BATCH = 512
