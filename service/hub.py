@@ -13,8 +13,9 @@ Two things keep a fan-out to thousands of waiters cheap and the rest of the inst
   connections per turn of the event loop, before their handlers run again (they only tidy up).
 - Sleeping waiters are woken ``WAKE_BATCH`` at a time, one batch per turn of the event loop, so a
   write (or any request) that arrives meanwhile waits for one batch, not for the whole fan-out.
-  A connection the hub answered is not read until its batch comes: the clients' re-polls, sent
-  the moment the answers arrive, are then taken in batches too.
+  A connection the hub answered is not read until its batch comes, after every answer due is
+  written: the clients' re-polls, sent the moment the answers arrive, are then taken in batches
+  too, and do not hold back the answers still to write.
 
 A wake-up is a hint: waiters compare versions (or cursors) and ignore stale or duplicate changes.
 """
@@ -34,7 +35,7 @@ WATCH_KEY = "*"  # not a valid task id, so it never collides with one
 # Waiters woken (and answered connections read again) per turn of the event loop: ~2 ms of
 # handler work and re-polls at the measured cost, so a write arriving during a storm of re-polls
 # waits a few short turns (bench: 32 against 128 took a write's ack from ~35 to ~20 ms).
-WAKE_BATCH = int(__import__("os").environ.get("WB", "32"))
+WAKE_BATCH = 32
 # Direct answers written per turn of the loop (~3 ms of system calls), so a write's own answer
 # does not wait for 10,000 of them.
 ANSWER_BATCH = 512
@@ -299,8 +300,11 @@ class Hub:
         return True
 
     def _drain(self) -> None:
-        """One turn of the fan-out: up to ``ANSWER_BATCH`` answers written, then up to
-        ``WAKE_BATCH`` waiters released (the first answered first); again next turn if more."""
+        """One turn of the fan-out: up to ``ANSWER_BATCH`` answers written or, once all are,
+        up to ``WAKE_BATCH`` waiters released (the first answered first); again next turn if
+        more. Answers first: re-polls read between the batches of answers would delay the last
+        answer and take CPU from the clients reading them (bench, 10,000 polls, three runs each:
+        time-to-last 182 against 196 ms, a write meanwhile 31 against 41 ms at p50)."""
         answers, releases, resumes = self._answers, self._releases, self._resumes
         try:
             if answers:
@@ -311,7 +315,7 @@ class Hub:
                     waiter._write_answer(self._answer)
                     if waiter.delivered is not None:
                         self.direct_answers += 1
-            budget = WAKE_BATCH
+            budget = 0 if answers else WAKE_BATCH
             for _ in range(min(budget, len(releases))):
                 releases.popleft()._release()
                 budget -= 1
