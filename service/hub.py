@@ -36,9 +36,12 @@ WATCH_KEY = "*"  # not a valid task id, so it never collides with one
 # handler work and re-polls at the measured cost, so a write arriving during a storm of re-polls
 # waits a few short turns (bench: 32 against 128 took a write's ack from ~35 to ~20 ms).
 WAKE_BATCH = 32
-# Direct answers written per turn of the loop (~3 ms of system calls), so a write's own answer
-# does not wait for 10,000 of them.
-ANSWER_BATCH = 512
+# Direct answers written per turn of the loop, so a write arriving meanwhile waits for a batch,
+# not for 10,000 answers. A turn of 512 took ~15 ms of wall time with the clients busy on the
+# other core (event-loop lag, 10,000 polls): a write during the fan-out then waited 33 ms at p50
+# and ~150 at p99; with 128, 10-13 and 22-45 ms, and the last answer went out no later (bench,
+# two runs each; 64 and 32 cut the wait further but made the fan-out slower).
+ANSWER_BATCH = 128
 LATEST_KEPT = 1024  # tasks whose last change the hub keeps, to answer polls that are behind
 # Holds end on a clock of this period, one timer per tick for all the waits ending in it (a timer
 # per wait costs ~700 bytes and a heap entry). A deadline is rounded up: a wait ends at most one
