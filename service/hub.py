@@ -39,9 +39,9 @@ WAKE_BATCH = 32
 # Direct answers written per turn of the loop, so a write arriving meanwhile waits for a batch,
 # not for 10,000 answers. A turn of 512 took ~15 ms of wall time with the clients busy on the
 # other core (event-loop lag, 10,000 polls): a write during the fan-out then waited 33 ms at p50
-# and ~150 at p99; with 128, 10-13 and 22-45 ms, and the last answer went out no later (bench,
-# two runs each; 64 and 32 cut the wait further but made the fan-out slower).
-ANSWER_BATCH = 128
+# and ~150 at p99. Bench, 10,000 polls, three runs each: 128 per turn 12-13 / 44-60 ms, 64 7-9 /
+# 19-38 ms, 32 5 / 16-73 ms; time-to-last alike for all (64: 159-207 ms, 512: 169-200).
+ANSWER_BATCH = 64
 LATEST_KEPT = 1024  # tasks whose last change the hub keeps, to answer polls that are behind
 # Holds end on a clock of this period, one timer per tick for all the waits ending in it (a timer
 # per wait costs ~700 bytes and a heap entry). A deadline is rounded up: a wait ends at most one
