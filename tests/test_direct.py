@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from service.api import NewerThan
 from service.hub import ANSWER_BATCH, Change
 from service.model import Cursor, TaskState
 
@@ -164,6 +165,35 @@ async def test_a_large_fan_out_is_written_in_batches_and_a_burst_coalesces_to_th
     assert {(status, dict(headers)["ETag"]) for status, headers, _ in after} == {
         ("HTTP/1.1 200 OK", '"1"')
     }
+    for _, writer in connections:
+        writer.close()
+
+
+async def test_a_sleeping_waiter_is_woken_in_the_first_turn_of_a_fan_out_not_after_its_answers(
+    make_client: ClientFactory,
+) -> None:
+    """A stream, a watch or a cross-origin poll of the task does not wait for the hub to write
+    every direct answer of a big fan-out: it is woken in the turn the change is published in;
+    only the re-reads of the answered connections wait for the last answer."""
+    client = await make_client()
+    hub = hub_of(client)
+    await put(client, "t", status="in_progress")
+    count = ANSWER_BATCH + 76
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    for _ in range(count // 100 + 1):  # in steps: the listen backlog is finite
+        connections += [
+            await raw_poll(client, "t", 1) for _ in range(min(100, count - len(connections)))
+        ]
+        await wait_for_waiters(client, len(connections), 10)
+    second = Change(TaskState(task="t", status="completed", version=2), Cursor("e", 2))
+    with hub.waiting("t") as sleeper:  # registered last: after every direct poll
+        woken = asyncio.create_task(sleeper.wait(NewerThan(1), 20))
+        await asyncio.sleep(0)  # asleep
+        hub.publish(second)
+        assert await woken is second
+        assert hub.direct_answers < count  # answers were still due when it woke
+    answers = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
+    assert {dict(headers)["ETag"] for _, headers, _ in answers} == {'"2"'}
     for _, writer in connections:
         writer.close()
 
