@@ -50,7 +50,7 @@ bench-setup: $(BENCH_STAMP)
 	test -f $(NCHAN_MODULE) || { s=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$s apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$s apt-get install -y -qq --no-install-recommends libnginx-mod-nchan; }
 
-bench: bench-setup  ## every target and scenario, 10,000 polls (about 15 minutes): bench/results/
+bench: bench-setup  ## every target and scenario, 10,000 polls (about 12 minutes): bench/results/
 	$(BIN)/python -m bench
 
 bench-quick: bench-setup  ## 1,000 polls, this service and the seed design, under 2 minutes
