@@ -317,8 +317,9 @@ def _one_line(record: Record) -> str:
         return f"{head}: held {held} in {seconds:.1f} s; KiB/poll {kib}"
     if kind == "throughput":
         return (
-            f"{head}: {record['accepted_per_s']:.0f} updates/s, {record['notifications_per_s']:.0f}"
-            f" notifications/s, lag p99 {record['lag_versions_p99']} versions"
+            f"{head}, {record['writers']} writers: {record['accepted_per_s']:.0f} updates/s,"
+            f" {record['notifications_per_s']:.0f} notifications/s,"
+            f" lag p99 {record['lag_versions_p99']} versions"
         )
     if kind == "many_tasks":
         delay = record["delay"]

@@ -137,6 +137,12 @@ class Writer:
         self.http.close()
 
 
+def writes_to(target: Target, tasks: list[str], versions: list[int], **options: Any) -> WriteSpec:
+    """Writes to ``target``'s ``tasks`` (now at ``versions``), shaped by ``WriteSpec``'s
+    ``options`` (concurrency, duration, rate)."""
+    return WriteSpec("127.0.0.1", target.port, target.dialect, tasks, versions, **options)
+
+
 def create_task(target: Target, task: str) -> int:
     """Write ``task`` once (so the first poll of each client returns it); its version."""
     writer = Writer(target, task)
@@ -339,10 +345,8 @@ def fanout_round(
     version = writer.version + 1
     client.expect(0, version)
     pids = target.pids()
-    probe_spec = WriteSpec(
-        "127.0.0.1",
-        target.port,
-        target.dialect,
+    probe_spec = writes_to(
+        target,
         [PROBE_TASK],
         [writer.probe_version],
         concurrency=8,
@@ -432,14 +436,8 @@ def throughput_run(
     client.collect()
     pids = target.pids()
     cpu0 = cpu_seconds(pids)
-    spec = WriteSpec(
-        "127.0.0.1",
-        target.port,
-        target.dialect,
-        [FAN_TASK],
-        [first],
-        concurrency=writers,
-        duration=settings.throughput_seconds,
+    spec = writes_to(
+        target, [FAN_TASK], [first], concurrency=writers, duration=settings.throughput_seconds
     )
     profilers = start_profiles(target, settings.profile, f"{key}-throughput-{writers}")
     result = client.write(spec)
@@ -516,10 +514,8 @@ def many_tasks(client: LoadClient, key: str, settings: Settings, workdir: Path, 
         client.collect()
         pids = target.pids()
         cpu0 = cpu_seconds(pids)
-        spec = WriteSpec(
-            "127.0.0.1",
-            target.port,
-            target.dialect,
+        spec = writes_to(
+            target,
             names,
             versions,
             concurrency=16,

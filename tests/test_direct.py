@@ -36,6 +36,19 @@ async def raw_poll(
     return reader_writer
 
 
+async def held_polls(
+    client: Client, task: str, since: int, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` raw polls, each on a connection of its own, once the hub holds them all."""
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    for _ in range(count // 100 + 1):  # in steps: the listen backlog is finite
+        connections += [
+            await raw_poll(client, task, since) for _ in range(min(100, count - len(connections)))
+        ]
+        await wait_for_waiters(client, len(connections), 10)
+    return connections
+
+
 async def read_answer(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]], bytes]:
     """Status line, headers in order, body."""
     head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
@@ -131,22 +144,24 @@ async def test_an_http_1_0_poll_is_answered_the_ordinary_way(make_client: Client
     writer.close()
 
 
+async def more_than_a_batch_held(
+    make_client: ClientFactory,
+) -> tuple[Client, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+    """A client, and 76 more polls of task "t" (at version 1) than one batch of direct answers,
+    all held."""
+    client = await make_client()
+    await put(client, "t", status="in_progress")
+    return client, await held_polls(client, "t", 1, ANSWER_BATCH + 76)
+
+
 async def test_a_large_fan_out_is_written_in_batches_and_a_burst_coalesces_to_the_newest(
     make_client: ClientFactory,
 ) -> None:
     """More polls than one batch: the first ANSWER_BATCH are answered in the publish call, the
     rest on later turns of the loop; a second change published before a poll's turn comes is the
     one it gets. Every connection gets exactly one answer."""
-    client = await make_client()
-    hub = hub_of(client)
-    await put(client, "t", status="in_progress")
-    count = ANSWER_BATCH + 76
-    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    for _ in range(count // 100 + 1):  # in steps: the listen backlog is finite
-        connections += [
-            await raw_poll(client, "t", 1) for _ in range(min(100, count - len(connections)))
-        ]
-        await wait_for_waiters(client, len(connections), 10)
+    client, connections = await more_than_a_batch_held(make_client)
+    hub, count = hub_of(client), len(connections)
     second = Change(TaskState(task="t", status="completed", version=2), Cursor("e", 2))
     third = Change(TaskState(task="t", status="failed", version=3), Cursor("e", 3))
     hub.publish(second)
@@ -175,16 +190,8 @@ async def test_a_sleeping_waiter_is_woken_in_the_first_turn_of_a_fan_out_not_aft
     """A stream, a watch or a cross-origin poll of the task does not wait for the hub to write
     every direct answer of a big fan-out: it is woken in the turn the change is published in;
     only the re-reads of the answered connections wait for the last answer."""
-    client = await make_client()
-    hub = hub_of(client)
-    await put(client, "t", status="in_progress")
-    count = ANSWER_BATCH + 76
-    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    for _ in range(count // 100 + 1):  # in steps: the listen backlog is finite
-        connections += [
-            await raw_poll(client, "t", 1) for _ in range(min(100, count - len(connections)))
-        ]
-        await wait_for_waiters(client, len(connections), 10)
+    client, connections = await more_than_a_batch_held(make_client)
+    hub, count = hub_of(client), len(connections)
     second = Change(TaskState(task="t", status="completed", version=2), Cursor("e", 2))
     with hub.waiting("t") as sleeper:  # registered last: after every direct poll
         woken = asyncio.create_task(sleeper.wait(NewerThan(1), 20))
