@@ -25,7 +25,7 @@ import socket
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, cast
@@ -48,6 +48,24 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 
 # --- one HTTP/1.1 connection ------------------------------------------------------------------
+
+
+async def abort_connections(
+    transports: Iterable[asyncio.Transport | None],
+    connected: Callable[[], int],
+    all_closed: asyncio.Event,
+) -> int:
+    """Abort every connection (an RST: no TIME_WAIT pile-up between measurements) and wait up to
+    10 s for the last ``connection_lost``, which sets ``all_closed``; how many are still open."""
+    all_closed.clear()
+    for transport in transports:
+        if transport is not None:
+            transport.abort()
+    if connected() > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await all_closed.wait()
+    return connected()
 
 
 class ProtocolError(Exception):
@@ -311,15 +329,9 @@ class PollWorker:
 
     async def close(self) -> dict[str, Any]:
         self.closing = True
-        for conn in self.conns:
-            if conn.transport is not None:
-                conn.transport.abort()  # RST: no TIME_WAIT pile-up between phases
-        if self.connected > 0:
-            self.all_closed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    await self.all_closed.wait()
-        left = self.connected
+        left = await abort_connections(
+            (conn.transport for conn in self.conns), lambda: self.connected, self.all_closed
+        )
         self.conns.clear()
         self.connected = self.waiting = 0
         for task in list(self._tasks):

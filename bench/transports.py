@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import os
@@ -49,6 +48,7 @@ from .load import (
     ProtocolError,
     ResponseReader,
     WorkerError,
+    abort_connections,
     run_worker,
     start_workers,
     stop_workers,
@@ -432,15 +432,9 @@ class Worker:
 
     async def close(self) -> dict[str, int]:
         self.closing = True
-        self.all_closed.clear()
-        for client in self.clients:
-            if client.transport is not None:
-                client.transport.abort()  # RST: no TIME_WAIT pile-up between measurements
-        if self.connected > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    await self.all_closed.wait()
-        left = self.connected
+        left = await abort_connections(
+            (client.transport for client in self.clients), lambda: self.connected, self.all_closed
+        )
         self.clients.clear()
         self.connected = self.ready = 0
         self.errors.clear()

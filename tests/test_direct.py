@@ -159,7 +159,8 @@ async def test_a_large_fan_out_is_written_in_batches_and_a_burst_coalesces_to_th
 ) -> None:
     """More polls than one batch: the first ANSWER_BATCH are answered in the publish call, the
     rest on later turns of the loop; a second change published before a poll's turn comes is the
-    one it gets. Every connection gets exactly one answer."""
+    one it gets. No answered poll is released (its connection read again) before the last
+    answer is written. Every connection gets exactly one answer."""
     client, connections = await more_than_a_batch_held(make_client)
     hub, count = hub_of(client), len(connections)
     second = Change(TaskState(task="t", status="completed", version=2), Cursor("e", 2))
@@ -167,6 +168,13 @@ async def test_a_large_fan_out_is_written_in_batches_and_a_burst_coalesces_to_th
     hub.publish(second)
     assert hub.direct_answers == ANSWER_BATCH  # this turn's batch; the rest are due
     hub.publish(third)  # before the next turn
+    for _ in range(count):  # the next turns of the loop write the rest of the answers
+        if hub.direct_answers == count:
+            break
+        await asyncio.sleep(0)
+    assert hub.direct_answers == count
+    # ...and no answered poll was released before the last one was written: all still held
+    assert hub.waiting_total == count
     answers = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
     etags = Counter(dict(headers)["ETag"] for _, headers, _ in answers)
     assert etags == {'"2"': ANSWER_BATCH, '"3"': 76}
