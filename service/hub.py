@@ -143,10 +143,17 @@ class Waiter:
         """Let the hub write this long poll's answer (``Hub(answer=...)``) for the first change
         of the task above version ``since``, the moment it is published.
 
-        Only while nothing is pending: a change already here is answered the ordinary way.
+        Not when a change above ``since`` is already pending: that one is answered the ordinary
+        way, at once. Changes pending at or below ``since`` are dropped (the wait would turn
+        them down): on Redis, a poll often reads the version its client already has while the
+        change that made it is still on its way to this instance.
         """
-        if not self._pending and self._hub.answers_directly:
-            self._direct = DirectAnswer(transport, since)
+        if not self._hub.answers_directly:
+            return
+        if any(change.state.version > since for change in self._pending):
+            return
+        self._pending.clear()
+        self._direct = DirectAnswer(transport, since)
 
     async def wait(
         self, accept: Callable[[Change], bool], hold: float, *, newest: bool = False
@@ -412,6 +419,17 @@ class Hub:
     @property
     def waiting_total(self) -> int:
         return self._total
+
+    def parked(self) -> int:
+        """How many waiters are parked: asleep, or handed to the hub for a direct answer (not
+        still reading the store, as a waiter is right after registering). Counts every waiter:
+        for tests and diagnostics, not for a hot path."""
+        return sum(
+            1
+            for waiters in self._waiters.values()
+            for waiter in waiters
+            if waiter._wake is not None or waiter._direct is not None
+        )
 
     @property
     def waiting_watches(self) -> int:

@@ -23,6 +23,7 @@ from playwright.async_api import (
     Locator,
     Page,
     Request,
+    Response,
     ViewportSize,
     async_playwright,
     expect,
@@ -48,6 +49,7 @@ RECORDER = """
 (() => {
   const seen = (window.__seen = {});
   const states = (window.__states = []);
+  const since = (window.__since = {});  // "task|status": when the tab first showed it (epoch ms)
   const text = (card, name) => card.querySelector(`[data-field="${name}"]`);
   new MutationObserver(() => {
     const connection = document.getElementById("connection")?.dataset.state;
@@ -59,6 +61,8 @@ RECORDER = """
         text(card, "message").textContent,
         text(card, "version").textContent,
       ].join("|");
+      const now = performance.timeOrigin + performance.now();
+      since[`${card.dataset.task}|${card.dataset.status}`] ??= now;
       const history = (seen[card.dataset.task] ??= []);
       if (history.at(-1) !== shown) history.push(shown);
     }
@@ -124,10 +128,37 @@ async def history(page: Page, task_id: str) -> list[str]:
     return seen
 
 
+async def shown_since(page: Page, task_id: str, status: str) -> float:
+    """When (epoch ms, the tab's clock) the tab first showed ``task_id`` in ``status``."""
+    shown: float | None = await page.evaluate(
+        "(key) => window.__since[key] ?? null", f"{task_id}|{status}"
+    )
+    assert shown is not None, f"the tab never showed {task_id} as {status}"
+    return shown
+
+
+async def sent_at(page: Page, path: str) -> float:
+    """When (epoch ms) the tab sent its last request of ``path``."""
+    sent: float | None = await page.evaluate(
+        """(path) => {
+          const sent = performance.getEntriesByType("resource")
+            .filter((entry) => new URL(entry.name).pathname === path).at(-1);
+          return sent ? performance.timeOrigin + sent.startTime : null;
+        }""",
+        path,
+    )
+    assert sent is not None, f"the tab sent no request of {path}"
+    return sent
+
+
 async def connection_states(page: Page) -> list[str]:
     """Every connection state the tab showed, in order, repeats collapsed."""
     states: list[str] = await page.evaluate("window.__states")
     return states
+
+
+def is_write(response: Response) -> bool:
+    return response.request.method == "PUT"
 
 
 def is_watch(request: Request) -> bool:

@@ -47,12 +47,14 @@ def hub_of(client: Client) -> Hub:
 
 
 async def wait_for_waiters(client: Client, count: int, timeout: float = 5.0) -> None:
-    """Wait until exactly ``count`` polls and watches are held by the hub."""
+    """Wait until exactly ``count`` polls and watches are held by the hub, each parked: a
+    request counts as held from the moment it registers, before it has read the store, and a
+    change published in between reaches it another way than the one a test may check."""
     hub = hub_of(client)
     await wait_until(
-        lambda: hub.waiting_total == count,
+        lambda: hub.waiting_total == count == hub.parked(),
         timeout,
-        f"{count} held requests (now {hub.waiting_total})",
+        f"{count} held and parked requests (now {hub.waiting_total}, {hub.parked()} parked)",
     )
 
 

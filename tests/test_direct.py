@@ -5,15 +5,41 @@ request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
 
 from service.api import NewerThan
-from service.hub import ANSWER_BATCH, Change
+from service.direct import encode_poll_answer
+from service.hub import ANSWER_BATCH, Change, Hub
 from service.model import Cursor, TaskState
 
 from .conftest import Client, ClientFactory, hub_of, put, wait_for_waiters
 
 ORIGIN = "https://board.example"
+
+OPENED: list[asyncio.StreamWriter] = []  # this test's raw connections
+
+
+@pytest.fixture(autouse=True)
+async def close_raw_connections() -> AsyncIterator[None]:
+    """Close every raw connection a test opened, when it fails halfway too (else the socket
+    left open is reported in a later test, as an unraisable ResourceWarning)."""
+    yield
+    while OPENED:
+        writer = OPENED.pop()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def open_raw(client: Client) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    OPENED.append(writer)
+    return reader, writer
 
 
 async def raw_poll(
@@ -26,7 +52,7 @@ async def raw_poll(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Send a poll over a raw socket (kept open) without reading the answer."""
     if reader_writer is None:
-        reader_writer = await asyncio.open_connection(client.host, client.port)
+        reader_writer = await open_raw(client)
     _, writer = reader_writer
     writer.write(
         f"GET /api/tasks/{task}/poll?since={since}&timeout=20 HTTP/1.1\r\n"
@@ -134,7 +160,7 @@ async def test_an_http_1_0_poll_is_answered_the_ordinary_way(make_client: Client
     client = await make_client()
     hub = hub_of(client)
     await put(client, "t", status="in_progress")
-    reader, writer = await asyncio.open_connection(client.host, client.port)
+    reader, writer = await open_raw(client)
     writer.write(b"GET /api/tasks/t/poll?since=1&timeout=20 HTTP/1.0\r\n\r\n")
     await wait_for_waiters(client, 1)
     await put(client, "t", status="completed")
@@ -256,3 +282,48 @@ async def test_a_change_nobody_waited_for_still_answers_the_polls_that_are_behin
     assert dict(headers)["ETag"] == '"2"'
     assert hub.direct_answers == 1
     behind[1].close()
+
+
+async def socket_pair() -> tuple[asyncio.StreamReader, asyncio.Transport]:
+    """A client's reader, and the server side's transport of the same connection."""
+    client_side, server_side = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=client_side)
+    _, server = await asyncio.open_connection(sock=server_side)
+    OPENED.extend((writer, server))
+    transport = server.transport
+    assert isinstance(transport, asyncio.Transport)
+    return reader, transport
+
+
+def change(version: int) -> Change:
+    return Change(TaskState(task="t", status="in_progress", version=version), Cursor("e", version))
+
+
+async def test_a_change_pending_at_the_version_the_poll_has_still_lets_the_hub_answer_it() -> None:
+    """On Redis a poll can read version 1 from the store while the change to version 1 is still
+    on its way to the instance: that change arrives before the poll parks, and must not send it
+    (and the answer to the next change) the ordinary way."""
+    reader, transport = await socket_pair()
+    hub = Hub(answer=encode_poll_answer("i1"))
+    with hub.waiting("t") as waiter:
+        hub.publish(change(1))  # while the poll was reading the store
+        waiter.answer_directly(transport, 1)
+        hub.publish(change(2))
+        assert await waiter.wait(NewerThan(1), 5) is waiter.delivered is not None
+    assert hub.direct_answers == 1
+    _, headers, _ = await read_answer(reader)
+    assert dict(headers)["ETag"] == '"2"'
+
+
+async def test_a_change_pending_above_the_version_the_poll_has_is_answered_the_ordinary_way() -> (
+    None
+):
+    _, transport = await socket_pair()
+    hub = Hub(answer=encode_poll_answer("i1"))
+    with hub.waiting("t") as waiter:
+        newer = change(2)
+        hub.publish(newer)
+        waiter.answer_directly(transport, 1)
+        assert await waiter.wait(NewerThan(1), 5) is newer
+        assert waiter.delivered is None
+    assert hub.direct_answers == 0
