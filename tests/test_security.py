@@ -443,6 +443,20 @@ async def test_nginx_refuses_oversized_headers_with_a_json_error(nginx_cluster: 
         assert b"nosniff" in head
 
 
+async def test_metrics_are_served_by_each_instance_but_not_through_nginx(
+    nginx_cluster: Cluster,
+) -> None:
+    """The public entry point hides the instances' counts; the scraper reaches the instances."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{nginx_cluster.url}/metrics") as hidden:
+            assert hidden.status == 404
+            assert hidden.headers["X-Content-Type-Options"] == "nosniff"
+            assert (await hidden.json())["error"]["code"] == "not_found"
+        async with http.get(f"{nginx_cluster.instances[0].url}/metrics") as scraped:
+            assert scraped.status == 200
+            assert "taskstatus_held_polls" in await scraped.text()
+
+
 # --- security headers -------------------------------------------------------------------------
 
 
