@@ -395,11 +395,17 @@ async def test_rolling_restart_answers_held_polls_at_once_and_no_client_sees_an_
         took = drain.stopped - drain.sent
         assert drain.code == 0 and took < 3, f"{drain} exited with {drain.code} after {took} s"
         # What it held at the SIGTERM, it answered at once: 204 with a jittered Retry-After
-        # (only a draining instance adds one), each reaching its client within 2 s, none cut.
-        sent_away = [
-            r for r in load.replies if r.served_by == drain.app.instance_id and r.retry_after
+        # (only a draining instance adds one), each reaching its client within 2 s, none cut;
+        # or 200, for a poll whose change (written through another instance) came meanwhile.
+        answered = [
+            r for r in load.replies if r.served_by == drain.app.instance_id and r.at >= drain.sent
         ]
-        assert len(sent_away) == drain.released() >= 20, (drain, len(sent_away))
+        sent_away = [r for r in answered if r.retry_after]
+        assert 20 <= len(sent_away) <= drain.released() <= len(answered), (
+            drain,
+            len(sent_away),
+            len(answered),
+        )
         assert {r.status for r in sent_away} == {204}
         assert max(r.at for r in sent_away) - drain.sent < 2
         assert {r.retry_after for r in sent_away} == {"1", "2", "3"}
