@@ -27,11 +27,27 @@ NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
 HOST = "127.0.0.1"
 
 
+_HANDED_OUT: set[int] = set()  # every port free_port gave in this process
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nothing listens on, and one this process has not handed out before: the
+    ports of a cluster are chosen before its processes bind them, and the kernel may offer a
+    port again until then (nginx once got instance-1's port; its probe then reached instance-1)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
+
+def refuse_taken_port(port: int, name: str) -> None:
+    """Fail now if something already listens on ``port``: the start probe would reach it, not
+    the process about to start, and take it for started."""
+    if port_open(port):
+        raise RuntimeError(f"{name}: port {port} is already taken by another process")
 
 
 def find_program(name: str) -> str:
@@ -203,6 +219,7 @@ class RedisServer(Managed):
         return f"redis://{HOST}:{self.port}/0"
 
     def start(self) -> None:
+        refuse_taken_port(self.port, self.name)
         super().start()
 
         def up() -> bool:
@@ -260,6 +277,7 @@ class Instance(Managed):
 
     def start(self, *, ready: bool = True) -> None:
         """Start, and wait until /readyz answers 200 (or only /healthz, with ready=False)."""
+        refuse_taken_port(self.port, self.name)
         super().start()
         probe = "/readyz" if ready else "/healthz"
 
@@ -303,6 +321,7 @@ class Nginx(Managed):
         return f"http://{HOST}:{self.port}"
 
     def start(self) -> None:
+        refuse_taken_port(self.port, self.name)
         super().start()
 
         def up() -> bool:

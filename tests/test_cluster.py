@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +19,16 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from deploy.cluster import NGINX_CONF, REPO, Cluster, Instance, running_cluster
+from deploy.cluster import (
+    HOST,
+    NGINX_CONF,
+    REPO,
+    Cluster,
+    Instance,
+    Nginx,
+    free_port,
+    running_cluster,
+)
 from service.backend.redis import RedisBackend
 from service.model import DEFAULT_STATUSES, TaskUpdate
 
@@ -296,3 +306,16 @@ def test_compose_file_is_valid_and_mounts_the_one_nginx_config() -> None:
     assert sorted(services) == ["app1", "app2", "app3", "nginx", "redis"]
     # The file the local cluster (make demo, these tests) runs nginx with, mounted as is.
     assert f"- {NGINX_CONF}:/etc/nginx/nginx.conf:ro" in rendered.stdout
+
+
+def test_nginx_refuses_to_start_on_a_port_another_process_listens_on(tmp_path: Path) -> None:
+    """Else its start probe reaches the other listener and takes nginx for started. It happened:
+    nginx got instance-1's port, failed to bind it, and every request "through nginx" went to
+    instance-1."""
+    with socket.socket() as other:
+        other.bind((HOST, 0))
+        other.listen()
+        nginx = Nginx(tmp_path, [free_port()], port=other.getsockname()[1])
+        with pytest.raises(RuntimeError, match="already taken"):
+            nginx.start()
+        assert not nginx.running
