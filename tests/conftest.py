@@ -20,7 +20,7 @@ from deploy.cluster import Instance, RedisServer
 from service.app import create_app
 from service.config import Config
 from service.hub import Hub
-from service.keys import HUB
+from service.keys import BACKEND, HUB
 
 INSTANCE_ID = "test-instance-1"
 
@@ -44,6 +44,15 @@ async def wait_until(
 
 def hub_of(client: Client) -> Hub:
     return client.app[HUB]
+
+
+async def stop_redis(client: Client, redis: RedisServer) -> None:
+    """Stop ``redis``, and wait until the client's instance has noticed (its subscription
+    dropped): until then it answers from what it knows, as it should, and not with a 503."""
+    redis.stop()
+    await wait_until(
+        lambda: not client.app[BACKEND].is_ready(), 15, "the instance to notice Redis is gone"
+    )
 
 
 async def wait_for_waiters(client: Client, count: int, timeout: float = 5.0) -> None:

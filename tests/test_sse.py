@@ -35,6 +35,7 @@ from .conftest import (
     exits_cleanly,
     hub_of,
     put,
+    stop_redis,
     wait_for_waiters,
     wait_until,
 )
@@ -438,7 +439,7 @@ async def test_stream_opened_while_redis_is_away_gets_a_503_and_works_once_it_is
         config = Config(instance_id=INSTANCE_ID, redis_url=redis.url, redis_prefix="away:")
         client = await aiohttp_client(create_app(config))
         state = await put(client, "away", status="in_progress")
-        redis.stop()
+        await stop_redis(client, redis)
         for path in ("/api/tasks/away/events", "/api/events"):
             refused = await client.get(path)
             assert refused.status == 503, await refused.text()

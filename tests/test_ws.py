@@ -34,6 +34,7 @@ from .conftest import (
     exits_cleanly,
     hub_of,
     put,
+    stop_redis,
     wait_for_waiters,
     wait_until,
 )
@@ -231,7 +232,7 @@ async def test_subscription_while_redis_is_away_gets_an_error_and_works_once_it_
         config = Config(instance_id=INSTANCE_ID, redis_url=redis.url, redis_prefix="away:")
         client = await aiohttp_client(create_app(config))
         async with socket(client) as ws:
-            redis.stop()
+            await stop_redis(client, redis)
             await send(ws, {"subscribe": {"task": "away"}})
             error = await receive(ws)
             assert error["error"]["code"] == "backend_unavailable" and error["task"] == "away"
