@@ -18,6 +18,7 @@ from service.hub import ANSWER_BATCH, Change, Hub
 from service.model import Cursor, TaskState
 
 from .conftest import Client, ClientFactory, hub_of, put, wait_for_waiters
+from .test_hub import change
 
 ORIGIN = "https://board.example"
 
@@ -295,10 +296,6 @@ async def socket_pair() -> tuple[asyncio.StreamReader, asyncio.Transport]:
     return reader, transport
 
 
-def change(version: int) -> Change:
-    return Change(TaskState(task="t", status="in_progress", version=version), Cursor("e", version))
-
-
 async def test_a_change_pending_at_the_version_the_poll_has_still_lets_the_hub_answer_it() -> None:
     """On Redis a poll can read version 1 from the store while the change to version 1 is still
     on its way to the instance: that change arrives before the poll parks, and must not send it
@@ -306,9 +303,9 @@ async def test_a_change_pending_at_the_version_the_poll_has_still_lets_the_hub_a
     reader, transport = await socket_pair()
     hub = Hub(answer=encode_poll_answer("i1"))
     with hub.waiting("t") as waiter:
-        hub.publish(change(1))  # while the poll was reading the store
+        hub.publish(change("t", 1))  # while the poll was reading the store
         waiter.answer_directly(transport, 1)
-        hub.publish(change(2))
+        hub.publish(change("t", 2))
         assert await waiter.wait(NewerThan(1), 5) is waiter.delivered is not None
     assert hub.direct_answers == 1
     _, headers, _ = await read_answer(reader)
@@ -321,7 +318,7 @@ async def test_a_change_pending_above_the_version_the_poll_has_is_answered_the_o
     _, transport = await socket_pair()
     hub = Hub(answer=encode_poll_answer("i1"))
     with hub.waiting("t") as waiter:
-        newer = change(2)
+        newer = change("t", 2)
         hub.publish(newer)
         waiter.answer_directly(transport, 1)
         assert await waiter.wait(NewerThan(1), 5) is newer
