@@ -139,6 +139,7 @@ class Managed:
     argv: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = REPO
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -150,7 +151,7 @@ class Managed:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env},
-            cwd=REPO,
+            cwd=self.cwd,
             # Own session: Ctrl-C reaches only the runner, which stops the children in order.
             start_new_session=True,
         )

@@ -35,7 +35,8 @@ from .ws import setup_ws_routes
 
 log = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+# Package data: the templates and static files are installed with the code (see pyproject.toml).
+WEB_DIR = Path(__file__).resolve().parent / "web"
 
 
 async def backend_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -30,11 +30,11 @@ from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from ..errors import BackendUnavailable
 from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
@@ -209,7 +209,7 @@ class RedisBackend(Backend):
             finally:
                 self._forget()
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     async def _deliver_messages(self, pubsub: PubSub) -> None:
         last_ping = time.monotonic()
