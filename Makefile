@@ -13,6 +13,8 @@ SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx chromium:chromium docke
 # pip installs uv from requirements/uv.txt, uv makes the venv hold exactly one lock file.
 # The code itself runs from the checkout (python -m service); `make wheel` builds the package.
 $(UV): requirements/uv.txt
+	@# Debian's own python3 makes a venv only with python3-venv (no ensurepip without it)
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || bash deploy/ensure-packages.sh no-ensurepip:python3-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
 	touch $@
