@@ -107,6 +107,17 @@ class Backend(ABC):
 
     reconnects = 0  # times the change subscription came back after it dropped
     errors = 0  # calls to the store that failed
+    not_replicated = 0  # writes the primary took that too few replicas confirmed in time
+
+    @property
+    def failovers(self) -> int:
+        """Times the primary moved while this instance followed it (Sentinel)."""
+        return 0
+
+    @property
+    def primary_address(self) -> str:
+        """Where the store's primary is, for the dashboard: empty for the embedded store."""
+        return ""
 
     @abstractmethod
     async def share_stats(self, instance_id: str, record: str, ttl: float) -> SharedStats:

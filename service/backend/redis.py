@@ -14,6 +14,12 @@ Key layout (``prefix`` defaults to ``taskstatus:``):
 Writes are one Lua script (``lua/write.lua``). The reader task subscribes, then re-reads every task
 that has waiters and the newest change, so whatever was published while it was not subscribed still
 reaches its waiters; only then does the instance report ready. It reconnects forever, with backoff.
+
+With Sentinel (``sentinel.py``) the primary is found and followed there: when it moves, the client
+and the subscription move with it (the old client is closed, which cuts the subscription, and the
+reader resubscribes on the new primary and resyncs). With ``min_replicas`` a write is acknowledged
+only once that many replicas have it: the script and a ``WAIT`` go in one pipeline, over one
+connection, since ``WAIT`` counts the writes of the connection that sends it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +39,13 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import BackendUnavailable
+from ..config import Address
+from ..errors import BackendUnavailable, NotReplicated
 from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
 from ..model import UNSET, Cursor, TaskState, TaskUpdate, WatchBatch, initial_state
@@ -48,6 +57,7 @@ from .base import (
     VersionConflict,
     WriteResult,
 )
+from .sentinel import PrimaryFollower, SentinelSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +71,27 @@ _EPOCH_RANDOM = random.Random()
 POOL_SIZE = 64  # connections to Redis, the subscriber's one among them
 
 
+# Replies of a node that is not (or no longer) a primary that may take writes: expected while
+# Sentinel moves the primary, so a 503 and a check of the primary, not a logged traceback.
+_NOT_PRIMARY = ("READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING")
+
+
 def _connection_error(exc: BaseException) -> bool:
     return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)
+
+
+def _not_primary(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith(_NOT_PRIMARY)
+
+
+@dataclass(frozen=True)
+class _Primary:
+    """One client of the primary, with the scripts registered on it."""
+
+    redis: Redis
+    write: AsyncScript
+    changes: AsyncScript
+    stats: AsyncScript
 
 
 def full_jitter_backoff(attempt: int) -> float:
@@ -105,34 +134,29 @@ class RedisBackend(Backend):
         statuses: tuple[str, ...],
         max_tasks: int,
         *,
-        url: str,
+        url: str = "",
         prefix: str,
         history_length: int = DEFAULT_HISTORY_LENGTH,
+        sentinel: SentinelSettings | None = None,
+        password: str = "",
+        min_replicas: int = 0,
+        replication_timeout_ms: int = 500,
     ) -> None:
         super().__init__(statuses, max_tasks, history_length)
         self._url = url
+        self._password = password
+        self.min_replicas = min_replicas
+        self.replication_timeout_ms = replication_timeout_ms
         self._prefix = prefix
         self._channel = f"{prefix}changes"
         self._index_key = f"{prefix}changes"
         self._seq_key = f"{prefix}seq"
         self._epoch_key = f"{prefix}epoch"
         self._instances_key = f"{prefix}instances"
-        # No retries: a write whose reply was lost must not run twice (it would skip a version).
-        # A blocking pool: a burst of polls (thousands re-polling after one fan-out) queues for a
-        # connection instead of failing with MaxConnectionsError; Redis is single-threaded, so a
-        # few dozen connections serve it as fast as thousands would.
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=POOL_SIZE,
-            timeout=SOCKET_TIMEOUT,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._redis = Redis(connection_pool=pool)
-        self.write_script = self._redis.register_script((_LUA / "write.lua").read_text())
-        self._changes_script = self._redis.register_script((_LUA / "changes.lua").read_text())
-        self._stats_script = self._redis.register_script((_LUA / "stats.lua").read_text())
+        self._follower = PrimaryFollower(sentinel, self._switch_primary) if sentinel else None
+        self._following: asyncio.Task[None] | None = None
+        # With Sentinel, known once a Sentinel names the primary (the reader asks first thing).
+        self._primary: _Primary | None = None if sentinel else self._connect(url=url)
         self._sink: ChangeSink | None = None
         self._reader: asyncio.Task[None] | None = None
         self._live = asyncio.Event()
@@ -143,6 +167,70 @@ class RedisBackend(Backend):
         self._known: dict[str, TaskState] = {}
         self._known_epoch = ""
         self._generation = 0  # bumped on every drop: a read begun before it must not be kept
+
+    def _connect(self, *, url: str = "", address: Address | None = None) -> _Primary:
+        """A client of the primary at ``url`` or ``address``, and the scripts on it."""
+        # No retries: a write whose reply was lost must not run twice (it would skip a version).
+        # A blocking pool: a burst of polls (thousands re-polling after one fan-out) queues for a
+        # connection instead of failing with MaxConnectionsError; Redis is single-threaded, so a
+        # few dozen connections serve it as fast as thousands would.
+        options: dict[str, Any] = {
+            "max_connections": POOL_SIZE,
+            "timeout": SOCKET_TIMEOUT,
+            "socket_timeout": SOCKET_TIMEOUT,
+            "socket_connect_timeout": SOCKET_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if address is None:
+            pool = BlockingConnectionPool.from_url(url, **options)
+        else:
+            host, port = address
+            pool = BlockingConnectionPool(
+                host=host, port=port, password=self._password or None, **options
+            )
+        redis = Redis(connection_pool=pool)
+        return _Primary(
+            redis,
+            redis.register_script((_LUA / "write.lua").read_text()),
+            redis.register_script((_LUA / "changes.lua").read_text()),
+            redis.register_script((_LUA / "stats.lua").read_text()),
+        )
+
+    @property
+    def _redis(self) -> Redis:
+        return self._current().redis
+
+    @property
+    def write_script(self) -> AsyncScript:
+        return self._current().write
+
+    def _current(self) -> _Primary:
+        if self._primary is None:
+            raise BackendUnavailable("no Redis primary known yet")
+        return self._primary
+
+    async def _switch_primary(self, address: Address) -> None:
+        """Move to the primary at ``address``: new connections there, the old ones closed. The
+        subscription is cut with them; the reader resubscribes on the new primary and resyncs,
+        and the instance is not ready until it has."""
+        old, self._primary = self._primary, self._connect(address=address)
+        log.warning("redis primary: %s:%d", *address)
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.redis.aclose(close_connection_pool=True)
+
+    @property
+    def primary_address(self) -> str:
+        """Where the primary is, for the dashboard: host:port, or the URL without a password."""
+        if self._follower is not None:
+            primary = self._follower.primary
+            return f"{primary[0]}:{primary[1]}" if primary else ""
+        kwargs = self._redis.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', '')}:{kwargs.get('port', '')}"
+
+    @property
+    def failovers(self) -> int:
+        return self._follower.switches if self._follower is not None else 0
 
     def _instance_key(self, instance_id: str) -> str:
         return f"{self._prefix}instance:{instance_id}"
@@ -157,6 +245,8 @@ class RedisBackend(Backend):
 
     async def start(self, sink: ChangeSink) -> None:
         self._sink = sink
+        if self._follower is not None:
+            self._following = asyncio.create_task(self._follower.follow(), name="sentinel")
         self._reader = asyncio.create_task(self._read_changes(), name="redis-subscriber")
         try:
             await asyncio.wait_for(self._live.wait(), FIRST_SUBSCRIBE_WAIT)
@@ -165,11 +255,17 @@ class RedisBackend(Backend):
 
     async def close(self) -> None:
         self._closing = True
+        if self._following is not None:
+            self._following.cancel()
+            await asyncio.wait([self._following], timeout=SOCKET_TIMEOUT)
         if self._reader is not None:
             self._reader.cancel()
             # Bounded: redis-py may swallow the cancellation; _closing stops the loop then.
             await asyncio.wait([self._reader], timeout=SOCKET_TIMEOUT)
-        await self._redis.aclose(close_connection_pool=True)
+        if self._follower is not None:
+            await self._follower.close()
+        if self._primary is not None:
+            await self._primary.redis.aclose(close_connection_pool=True)
 
     def is_ready(self) -> bool:
         return self._live.is_set()
@@ -181,8 +277,11 @@ class RedisBackend(Backend):
         attempt = 0
         outage_since: float | None = None
         while not self._closing:
-            pubsub: PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: PubSub | None = None
             try:
+                if self._primary is None and self._follower is not None:
+                    await self._follower.check()  # the first primary, or none yet: backoff
+                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self._channel)
                 await self._resync()
                 self._live.set()
@@ -198,6 +297,7 @@ class RedisBackend(Backend):
             except Exception as exc:
                 self._forget()
                 self.errors += 1
+                self._suspect_primary(exc)
                 if outage_since is None:
                     outage_since = time.monotonic()
                     if _connection_error(exc):
@@ -208,8 +308,9 @@ class RedisBackend(Backend):
                 await asyncio.sleep(full_jitter_backoff(attempt))
             finally:
                 self._forget()
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
 
     async def _deliver_messages(self, pubsub: PubSub) -> None:
         last_ping = time.monotonic()
@@ -301,12 +402,23 @@ class RedisBackend(Backend):
                     raise
         except RedisError as exc:
             self.errors += 1
+            self._suspect_primary(exc)
+            if _not_primary(exc):
+                if str(exc).startswith("NOREPLICAS"):
+                    raise NotReplicated(str(exc)) from exc
+                raise BackendUnavailable(str(exc)) from exc
             if not _connection_error(exc):
                 log.exception("redis command failed")
             raise BackendUnavailable(type(exc).__name__) from exc
         except OSError as exc:  # TimeoutError (COMMAND_TIMEOUT) included
             self.errors += 1
+            self._suspect_primary(exc)
             raise BackendUnavailable(type(exc).__name__) from exc
+
+    def _suspect_primary(self, exc: BaseException) -> None:
+        """With Sentinel, a failure that may mean the primary moved: ask the Sentinels now."""
+        if self._follower is not None and (_connection_error(exc) or _not_primary(exc)):
+            self._follower.suspect()
 
     async def get(self, task_id: str) -> TaskState:
         generation = self._generation
@@ -347,7 +459,7 @@ class RedisBackend(Backend):
         self, task_id: str, update: TaskUpdate, subject: str | None = None
     ) -> WriteResult:
         keys, args = self.write_call(task_id, update, subject)
-        outcome, *rest = await self._call(self.write_script(keys=keys, args=args), shielded=False)
+        outcome, *rest = await self._call(self._replicated_write(keys, args), shielded=False)
         if outcome == b"conflict":
             raise VersionConflict(TaskState.from_dict(json.loads(rest[0])))
         if outcome == b"task_limit":
@@ -356,6 +468,29 @@ class RedisBackend(Backend):
         state = TaskState.from_dict(json.loads(state_json))
         previous = TaskState(task_id, previous_status.decode(), version=state.version - 1)
         return WriteResult(previous=previous, state=state)
+
+    async def _replicated_write(self, keys: list[str], args: list[str]) -> Any:
+        """The write script's reply, once ``min_replicas`` replicas have the write.
+
+        The script and ``WAIT`` go in one pipeline, so over one connection: ``WAIT`` counts the
+        replication of the writes its own connection made. A refused write (a conflict, the task
+        limit) has nothing to replicate, and is answered as it is."""
+        primary = self._current()
+        if not self.min_replicas:
+            return await primary.write(keys=keys, args=args)
+        async with primary.redis.pipeline(transaction=False) as pipe:
+            await primary.write(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.min_replicas, self.replication_timeout_ms)
+            # Errors as values: raised as they are, so _call sees Redis's own reply (NOREPLICAS),
+            # not a message about the pipeline around it.
+            reply, replicas = await pipe.execute(raise_on_error=False)
+        for result in (reply, replicas):
+            if isinstance(result, Exception):
+                raise result
+        if reply[0] == b"ok" and replicas < self.min_replicas:
+            self.not_replicated += 1
+            raise NotReplicated(f"{replicas} of {self.min_replicas} replicas in time")
+        return reply
 
     async def history(self, task_id: str) -> list[HistoryEntry]:
         if not self.history_length:
@@ -372,7 +507,7 @@ class RedisBackend(Backend):
             _new_epoch(),
         ]
         keys = [self._index_key, self._seq_key, self._epoch_key]
-        epoch, seq, reset, *states = await self._call(self._changes_script(keys=keys, args=args))
+        epoch, seq, reset, *states = await self._call(self._current().changes(keys=keys, args=args))
         tasks = [TaskState.from_dict(json.loads(raw)) for raw in states]
         if only is not None:
             tasks = [state for state in tasks if state.task in only]
@@ -382,7 +517,7 @@ class RedisBackend(Backend):
         ttl_ms = round(ttl * 1000)
         keys = [self._instances_key, self._index_key]
         args = [self._instance_key(""), instance_id, record, str(ttl_ms)]
-        tasks, *found = await self._call(self._stats_script(keys=keys, args=args))
+        tasks, *found = await self._call(self._current().stats(keys=keys, args=args))
         records = [
             (raw.decode(), (ttl_ms - int(remaining)) / 1000)
             for raw, remaining in zip(found[::2], found[1::2], strict=True)

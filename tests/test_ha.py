@@ -1,0 +1,160 @@
+"""High availability: a primary, two replicas and three Sentinels (real redis-server processes),
+three instances that find and follow the primary through the Sentinels, and nginx.
+
+Writes are acknowledged only once a replica has them (REDIS_MIN_REPLICAS, 1 by default with
+Sentinel), so the death of the primary loses no write answered 200; a write no replica confirms in
+time is answered 503 ``not_replicated``. Each test runs its own topology on loopback ports and
+checks what clients were told with the history checker (tests/history.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from deploy.cluster import HACluster, running_ha_cluster
+
+from .load import errors_logged, load_on, probe_session, task_ids, until, until_held, until_ready
+
+# A failover takes Sentinel about 2 s here (down-after 1 s, then the vote); the instances follow
+# it within a moment. The issue's figure is 5 s; this bound leaves room for two busy cores.
+FAILOVER_BOUND = 10.0
+
+
+@pytest.fixture
+def ha(tmp_path: Path) -> Iterator[HACluster]:
+    with running_ha_cluster(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def probe() -> AsyncIterator[aiohttp.ClientSession]:
+    async with probe_session() as session:
+        yield session
+
+
+async def put(session: aiohttp.ClientSession, url: str, message: str) -> aiohttp.ClientResponse:
+    """One write of ``message``; the answer, body read."""
+    body = {"status": "in_progress", "message": message}
+    async with session.put(url, json=body) as response:
+        await response.read()
+        return response
+
+
+def failed_over(ha: HACluster, old: int) -> bool:
+    """Every running Sentinel names one primary, not the one on port ``old``."""
+    named = {s.primary() for s in ha.sentinels if s.running}
+    return len(named) == 1 and None not in named and old not in named
+
+
+async def test_primary_killed_under_1000_held_polls_and_50_writes_a_second_loses_no_acknowledged_write(  # noqa: E501
+    ha: HACluster, probe: aiohttp.ClientSession
+) -> None:
+    tasks, old = task_ids(100), ha.redis
+    async with load_on(ha) as load:
+        load.poll_tasks(tasks, per_task=10)
+        await until_held(probe, ha.instances, 1000)
+        writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=600))
+        history = load.history
+        await until(lambda: len(history.acknowledged) >= 100, "100 writes", 10)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(old.kill)
+        await until(lambda: failed_over(ha, old.port), "Sentinel to promote a replica", 20)
+        await until(
+            lambda: any(w.version and w.started > killed_at for w in history.writes),
+            "a write acknowledged by the new primary",
+            FAILOVER_BOUND,
+        )
+        first = min(w.ended for w in history.writes if w.version and w.started > killed_at)
+        await until_ready(probe, ha.instances)
+        await writing
+        final = await load.converge(probe, tasks)
+    # Every acknowledged write is on the new primary with its content, in order; every watcher
+    # ended on the final versions; no version was shown with two contents.
+    history.check(final)
+    assert errors_logged(ha) == []
+    refused = {w.outcome for w in history.unacknowledged}
+    assert refused <= {"503"}, f"writes during the failover got {refused}, not only 503"
+    assert len(history.acknowledged) >= 300
+    took = first - killed_at
+    print(f"\nfailover: primary SIGKILLed -> first acknowledged write {took:.2f} s")
+    assert took < FAILOVER_BOUND
+
+
+async def test_a_write_no_replica_confirms_in_time_is_503_not_replicated(
+    ha: HACluster, probe: aiohttp.ClientSession
+) -> None:
+    url = f"{ha.url}/api/tasks/frozen"
+    assert (await put(probe, url, "before")).status == 200
+    for replica in ha.replicas:
+        replica.send(signal.SIGSTOP)
+    try:
+        refused = await put(probe, url, "unconfirmed")
+        assert refused.status == 503
+        assert refused.headers["Retry-After"]
+        body = await refused.json()
+        assert body["error"]["code"] == "not_replicated", body
+    finally:
+        for replica in ha.replicas:
+            replica.send(signal.SIGCONT)
+    confirmed = await put(probe, url, "after")
+    assert confirmed.status == 200
+
+
+async def test_a_primary_left_without_replicas_refuses_writes_with_503_not_replicated(
+    ha: HACluster, probe: aiohttp.ClientSession
+) -> None:
+    """min-replicas-to-write 1: a primary cut off from its replicas takes no write (NOREPLICAS),
+    so no write can be acknowledged by a primary that a failover would leave behind."""
+    url = f"{ha.url}/api/tasks/alone"
+    for replica in ha.replicas:
+        await asyncio.to_thread(replica.kill)
+    refused = await put(probe, url, "alone")
+    assert refused.status == 503
+    assert (await refused.json())["error"]["code"] == "not_replicated"
+    assert refused.headers["Retry-After"]
+    assert errors_logged(ha) == []
+
+
+async def test_the_old_primary_restarted_rejoins_as_a_replica_and_the_cluster_keeps_serving(
+    ha: HACluster, probe: aiohttp.ClientSession
+) -> None:
+    old = ha.redis
+    url = f"{ha.url}/api/tasks/rejoin"
+    assert (await put(probe, url, "first")).status == 200
+    await asyncio.to_thread(old.kill)
+    await until(lambda: failed_over(ha, old.port), "Sentinel to promote a replica", 20)
+    await until_ready(probe, ha.instances)
+    await asyncio.to_thread(old.start)  # same port: Sentinel turns it into a replica
+    await until(
+        lambda: old.info("replication").get("role") == "slave",
+        "the old primary to rejoin as a replica",
+        20,
+    )
+    new = ha.primary()
+    assert new is not old
+    assert (await put(probe, url, "second")).status == 200
+    async with probe.get(url) as response:
+        state = await response.json()
+    assert (state["version"], state["message"]) == (2, "second")
+    assert errors_logged(ha) == []
+
+
+async def test_two_sentinels_of_three_killed_the_primary_keeps_serving(
+    ha: HACluster, probe: aiohttp.ClientSession
+) -> None:
+    """No failover without a majority: the primary stays, and so do the writes."""
+    url = f"{ha.url}/api/tasks/minority"
+    for sentinel in ha.sentinels[:2]:
+        await asyncio.to_thread(sentinel.kill)
+    for n in range(20):
+        assert (await put(probe, url, f"w{n}")).status == 200
+    assert ha.sentinels[2].primary() == ha.redis.port
+    assert ha.redis.info("replication")["role"] == "master"
+    assert errors_logged(ha) == []
