@@ -14,7 +14,9 @@ What is counted, with bounded labels only (never a task id):
   carries it to a waiter. The publish time travels with the change: its ``updated_at``, stamped
   by Redis' clock in the write script (by this process for the embedded backend), to the
   millisecond, so a delay reads up to 1 ms long and assumes the clocks agree;
-- ``taskstatus_pubsub_reconnects_total``, ``taskstatus_redis_errors_total``, ``taskstatus_tasks``
+- ``taskstatus_pubsub_reconnects_total``, ``taskstatus_redis_errors_total``,
+  ``taskstatus_redis_failovers_total`` (Sentinel moved the primary),
+  ``taskstatus_writes_not_replicated_total`` (WAIT short of REDIS_MIN_REPLICAS), ``taskstatus_tasks``
   (tasks in the store, as of the last stats tick, see ``dashboard.py``);
 - ``process_*`` (resident memory, open file descriptors, CPU) and ``python_info``.
 
@@ -317,6 +319,16 @@ class _Exporter(Collector):
         )
         yield CounterMetricFamily(
             "taskstatus_redis_errors", "Failed calls to Redis", value=backend.errors
+        )
+        yield CounterMetricFamily(
+            "taskstatus_redis_failovers",
+            "Times this instance saw Sentinel move the Redis primary",
+            value=backend.failovers,
+        )
+        yield CounterMetricFamily(
+            "taskstatus_writes_not_replicated",
+            "Writes the primary took that too few replicas confirmed in time (503 not_replicated)",
+            value=backend.not_replicated,
         )
         if m.tasks is not None:
             yield GaugeMetricFamily(

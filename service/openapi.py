@@ -360,6 +360,15 @@ def _cluster_watch() -> Schema:
         "notify_p50_ms": milliseconds,
         "notify_p99_ms": milliseconds,
         "age_ms": {"type": "integer", "description": "since the instance last shared"},
+        "primary": {
+            "type": "string",
+            "description": "the Redis primary the instance writes to, host:port (empty: embedded)",
+        },
+        "failovers": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "times the instance has seen Sentinel move the primary",
+        },
     }
     instance: Schema = {
         "type": "object",

@@ -20,7 +20,16 @@ import pytest
 
 from deploy.cluster import HACluster, running_ha_cluster
 
-from .load import errors_logged, load_on, probe_session, task_ids, until, until_held, until_ready
+from .load import (
+    errors_logged,
+    load_on,
+    probe_session,
+    ready,
+    task_ids,
+    until,
+    until_held,
+    until_ready,
+)
 
 # A failover takes Sentinel about 2 s here (down-after 1 s, then the vote); the instances follow
 # it within a moment. The figure is 5 s; this bound leaves room for two busy cores.
@@ -129,16 +138,37 @@ async def test_the_old_primary_restarted_rejoins_as_a_replica_and_the_cluster_ke
     url = f"{ha.url}/api/tasks/rejoin"
     assert (await put(probe, url, "first")).status == 200
     await asyncio.to_thread(old.kill)
-    await until(lambda: failed_over(ha, old.port), "Sentinel to promote a replica", 20)
+    # Until an instance is on the new primary, /readyz says it is not ready.
+    not_ready: set[str] = set()
+
+    async def moved() -> bool:
+        for app in ha.instances:
+            if not await ready(probe, app):
+                not_ready.add(app.name)
+        return failed_over(ha, old.port)
+
+    await until(moved, "Sentinel to promote a replica", 20)
     await until_ready(probe, ha.instances)
+    assert not_ready == {app.name for app in ha.instances}
+    new = ha.primary()
+
+    async def shown() -> bool:  # the dashboard: each instance's record, shared once a second
+        async with probe.get(f"{ha.url}/api/cluster/watch") as response:
+            rows = (await response.json())["instances"]
+        figures = {(row["primary"], row["failovers"]) for row in rows}
+        return len(rows) == 3 and figures == {(f"127.0.0.1:{new.port}", 1)}
+
+    await until(shown, "the dashboard to show the new primary and one failover", 10)
+    for app in ha.instances:
+        async with probe.get(f"{app.url}/metrics") as response:
+            assert "taskstatus_redis_failovers_total 1.0" in await response.text()
     await asyncio.to_thread(old.start)  # same port: Sentinel turns it into a replica
     await until(
         lambda: old.info("replication").get("role") == "slave",
         "the old primary to rejoin as a replica",
         20,
     )
-    new = ha.primary()
-    assert new is not old
+    assert new is not old and ha.primary() is new
     assert (await put(probe, url, "second")).status == 200
     async with probe.get(url) as response:
         state = await response.json()
