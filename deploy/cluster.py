@@ -196,13 +196,7 @@ class Managed:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-# What the shipped HA configuration sets on every Redis node (deploy/redis/ha.conf says why).
-HA_REDIS_OPTIONS = (
-    "--min-replicas-to-write", "1",
-    "--min-replicas-max-lag", "5",
-    "--repl-diskless-sync", "yes",
-    "--repl-diskless-sync-delay", "0",
-)  # fmt: skip
+HA_REDIS_CONF = REPO / "deploy" / "redis" / "ha.conf"  # one file: demo-ha, compose, tests
 
 
 class RedisServer(Managed):
@@ -221,6 +215,7 @@ class RedisServer(Managed):
         workdir.mkdir(parents=True, exist_ok=True)
         argv = [
             find_program("redis-server"),
+            *([str(HA_REDIS_CONF)] if ha else []),  # a config file comes first, flags after it
             "--port", str(self.port),
             "--bind", HOST,
             "--dir", str(workdir),
@@ -232,8 +227,6 @@ class RedisServer(Managed):
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             argv += ["--appendonly", "no"]
-        if ha:
-            argv += HA_REDIS_OPTIONS
         if replica_of is not None:
             argv += ["--replicaof", HOST, str(replica_of)]
         super().__init__(f"redis-{self.port}", argv, workdir / "redis.log")

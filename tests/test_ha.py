@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
-from deploy.cluster import HACluster, running_ha_cluster
+from deploy.cluster import HA_REDIS_CONF, NGINX_CONF, REPO, HACluster, running_ha_cluster
 
 from .load import (
     errors_logged,
@@ -188,3 +190,24 @@ async def test_two_sentinels_of_three_killed_the_primary_keeps_serving(
     assert ha.sentinels[2].primary() == ha.redis.port
     assert ha.redis.info("replication")["role"] == "master"
     assert errors_logged(ha) == []
+
+
+def test_the_ha_compose_file_is_valid_and_uses_the_one_redis_and_nginx_config() -> None:
+    compose = ["docker-compose", "-f", str(REPO / "docker-compose.ha.yml"), "config"]
+    rendered = subprocess.run(compose, capture_output=True, text=True, cwd=REPO)
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    assert sorted(services) == [
+        "app1", "app2", "app3", "nginx",
+        "redis-primary", "redis-replica-1", "redis-replica-2",
+        "sentinel-1", "sentinel-2", "sentinel-3",
+    ]  # fmt: skip
+    for node in ("redis-primary", "redis-replica-1", "redis-replica-2"):
+        assert f"{HA_REDIS_CONF}:/usr/local/etc/redis/ha.conf:ro" in str(services[node]["volumes"])
+    assert f"{NGINX_CONF}:/etc/nginx/nginx.conf:ro" in str(services["nginx"]["volumes"])
+    for app in ("app1", "app2", "app3"):
+        env = services[app]["environment"]
+        assert env["REDIS_SENTINELS"] == "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379"
+        assert "REDIS_URL" not in env
+    script = " ".join(services["sentinel-1"]["command"])
+    assert "sentinel monitor taskstatus redis-primary 6379 2" in script
