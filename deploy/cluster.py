@@ -213,9 +213,13 @@ class RedisServer(Managed):
         watched by Sentinel (a primary refuses writes that no replica receives)."""
         self.port = port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / "redis.conf"
+        # The node's own file, including the shared one: Sentinel makes a node rewrite its
+        # config (CONFIG REWRITE) when it changes its role, and it must not rewrite ha.conf.
+        conf.write_text(f"include {HA_REDIS_CONF}\n" if ha else "")
         argv = [
             find_program("redis-server"),
-            *([str(HA_REDIS_CONF)] if ha else []),  # a config file comes first, flags after it
+            str(conf),  # a config file comes first, flags after it
             "--port", str(self.port),
             "--bind", HOST,
             "--dir", str(workdir),

@@ -16,8 +16,8 @@ What is counted, with bounded labels only (never a task id):
   millisecond, so a delay reads up to 1 ms long and assumes the clocks agree;
 - ``taskstatus_pubsub_reconnects_total``, ``taskstatus_redis_errors_total``,
   ``taskstatus_redis_failovers_total`` (Sentinel moved the primary),
-  ``taskstatus_writes_not_replicated_total`` (WAIT short of REDIS_MIN_REPLICAS), ``taskstatus_tasks``
-  (tasks in the store, as of the last stats tick, see ``dashboard.py``);
+  ``taskstatus_writes_not_replicated_total`` (WAIT short of REDIS_MIN_REPLICAS),
+  ``taskstatus_tasks`` (tasks in the store, as of the last stats tick, see ``dashboard.py``);
 - ``process_*`` (resident memory, open file descriptors, CPU) and ``python_info``.
 
 The counts are plain numbers on the event loop's thread; one collector turns them into metric

@@ -136,7 +136,7 @@ async def test_a_primary_left_without_replicas_refuses_writes_with_503_not_repli
 async def test_the_old_primary_restarted_rejoins_as_a_replica_and_the_cluster_keeps_serving(
     ha: HACluster, probe: aiohttp.ClientSession
 ) -> None:
-    old = ha.redis
+    old, shared_config = ha.redis, HA_REDIS_CONF.read_text()
     url = f"{ha.url}/api/tasks/rejoin"
     assert (await put(probe, url, "first")).status == 200
     await asyncio.to_thread(old.kill)
@@ -175,6 +175,9 @@ async def test_the_old_primary_restarted_rejoins_as_a_replica_and_the_cluster_ke
     async with probe.get(url) as response:
         state = await response.json()
     assert (state["version"], state["message"]) == (2, "second")
+    # Sentinel had the nodes rewrite their config files: their own, not the shared one.
+    assert HA_REDIS_CONF.read_text() == shared_config
+    assert "replicaof" in (old.log_path.parent / "redis.conf").read_text()
     assert errors_logged(ha) == []
 
 

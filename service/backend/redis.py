@@ -160,6 +160,7 @@ class RedisBackend(Backend):
         self._sink: ChangeSink | None = None
         self._reader: asyncio.Task[None] | None = None
         self._live = asyncio.Event()
+        self._moved = asyncio.Event()  # set when the primary moves: the reader reconnects now
         self._closing = False
         # The newest state of each task seen since the subscription went live (messages, reads):
         # lets a re-poll at the current version wait without a Redis read. Emptied whenever the
@@ -214,6 +215,7 @@ class RedisBackend(Backend):
         subscription is cut with them; the reader resubscribes on the new primary and resyncs,
         and the instance is not ready until it has."""
         old, self._primary = self._primary, self._connect(address=address)
+        self._moved.set()
         log.warning("redis primary: %s:%d", *address)
         if old is not None:
             with contextlib.suppress(Exception):
@@ -305,7 +307,10 @@ class RedisBackend(Backend):
                     else:
                         log.exception("redis subscriber failed; reconnecting")
                 attempt += 1
-                await asyncio.sleep(full_jitter_backoff(attempt))
+                # A new primary ends the pause at once: the outage is over for this instance.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._moved.wait(), full_jitter_backoff(attempt))
+                self._moved.clear()
             finally:
                 self._forget()
                 if pubsub is not None:
