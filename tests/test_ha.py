@@ -214,3 +214,35 @@ def test_the_ha_compose_file_is_valid_and_uses_the_one_redis_and_nginx_config() 
         assert "REDIS_URL" not in env
     script = " ".join(services["sentinel-1"]["command"])
     assert "sentinel monitor taskstatus redis-primary 6379 2" in script
+
+
+async def test_a_second_failover_right_after_the_first_is_followed_too(
+    ha: HACluster, probe: aiohttp.ClientSession
+) -> None:
+    """The instances keep following the Sentinels after the first switch."""
+    url = f"{ha.url}/api/tasks/twice"
+    first = ha.redis
+    assert (await put(probe, url, "on the first primary")).status == 200
+    await asyncio.to_thread(first.kill)
+    await until(lambda: failed_over(ha, first.port), "the first failover", 20)
+    second = ha.primary()
+    await asyncio.to_thread(first.start)  # back as a replica: the next primary needs one
+    await until(lambda: first.info("replication").get("role") == "slave", "a replica again", 20)
+    await until_ready(probe, ha.instances)
+    assert (await put(probe, url, "on the second primary")).status == 200
+    await asyncio.to_thread(second.kill)
+    await until(lambda: failed_over(ha, second.port), "the second failover", 20)
+    assert ha.primary() is not second
+
+    async def acknowledged() -> bool:
+        return (await put(probe, url, "on the third primary")).status == 200
+
+    await until(acknowledged, "a write acknowledged on the third primary", 15)
+    async with probe.get(url) as response:
+        state = await response.json()
+    # A refused attempt may have been applied (a WAIT that timed out): 3 or more.
+    assert state["version"] >= 3 and state["message"] == "on the third primary"
+    for app in ha.instances:
+        async with probe.get(f"{app.url}/metrics") as response:
+            assert "taskstatus_redis_failovers_total 2.0" in await response.text()
+    assert errors_logged(ha) == []
