@@ -104,9 +104,10 @@ class PrimaryFollower:
             try:
                 await pubsub.subscribe("+switch-master")
                 while True:
+                    # A hung Sentinel is silent, not failed: the check every RECHECK_INTERVAL
+                    # (which asks each Sentinel with a timeout) covers for it meanwhile.
                     message = await pubsub.get_message(timeout=RECHECK_INTERVAL)
                     if message is None:
-                        await pubsub.ping()  # a silent Sentinel may be a dead one
                         continue
                     # "<service> <old ip> <old port> <new ip> <new port>"
                     data = message["data"] if message["type"] == "message" else b""
