@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 from playwright.async_api import Browser, Page, Request, WebSocket, expect
 
@@ -35,6 +34,8 @@ from tests.browser import (
     shown_since,
     task,
 )
+
+from .conftest import SECRET, token, wait_until
 
 TRANSPORTS = ["longpoll", "sse", "ws"]
 STREAMING = ["sse", "ws"]
@@ -93,10 +94,13 @@ def _held(instances: Iterable[Instance]) -> int:
 async def until_held(instances: Iterable[Instance], count: int, timeout: float = 10.0) -> None:
     """Wait until the instances hold ``count`` board followers (watches, streams, sockets)."""
     apps = list(instances)
-    deadline = time.monotonic() + timeout
-    while (held := await asyncio.to_thread(_held, apps)) != count:
-        assert time.monotonic() < deadline, f"{held} board followers held, not {count}"
-        await asyncio.sleep(0.05)
+    held: list[int] = []
+
+    async def reached() -> bool:
+        held[:] = [await asyncio.to_thread(_held, apps)]
+        return held == [count]
+
+    await wait_until(reached, timeout, lambda: f"{held} board followers held, not {count}")
 
 
 # --- scenario 1, on every transport -----------------------------------------------------------
@@ -228,13 +232,6 @@ async def test_unknown_transport_falls_back_to_long_polling(
 
 
 # --- with tokens required: the streams carry the tab's token too -----------------------------
-
-SECRET = "transports-secret-" + "0123456789abcdef" * 2
-
-
-def token(*scopes: str) -> str:
-    claims = {"aud": "taskstatus", "exp": int(time.time()) + 300, "scope": " ".join(scopes)}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from service.direct import encode_poll_answer
 from service.hub import ANSWER_BATCH, Change, Hub
 from service.model import Cursor, TaskState
 
-from .conftest import Client, ClientFactory, hub_of, put, wait_for_waiters
-from .test_hub import change
+from .conftest import Client, ClientFactory, change, hub_of, put, wait_for_waiters
 
 ORIGIN = "https://board.example"
 

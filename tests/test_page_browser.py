@@ -8,20 +8,14 @@ condition with a timeout, never a fixed sleep.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Route, expect
 
+from deploy.cluster import Instance
 from tests.browser import (
     WatchCount,
     browser_fixture,  # noqa: F401 (the `browser` fixture)
@@ -38,14 +32,6 @@ from tests.browser import (
 INSTANCE_ID = "browser-test-1"
 # Short holds, so the page also goes through 204 answers and re-polls during a test.
 POLL_TIMEOUT = 3
-SERVER_START_DEADLINE = 15.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
@@ -56,53 +42,18 @@ class Server:
         return await put_task(self.url, task_id, **update)
 
 
-def _wait_until_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + SERVER_START_DEADLINE
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.05)  # polling a condition with a deadline, not waiting a fixed time
-    raise RuntimeError(f"server at {url} not healthy within {SERVER_START_DEADLINE} s")
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--instance-id",
-            INSTANCE_ID,
-            "--poll-timeout",
-            str(POLL_TIMEOUT),
-            "--shutdown-timeout",
-            "2",
-        ],
-        cwd=Path(__file__).resolve().parent.parent,
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    instance = Instance(
+        tmp_path_factory.mktemp("page"),
+        INSTANCE_ID,
+        extra_args=["--poll-timeout", str(POLL_TIMEOUT), "--shutdown-timeout", "2"],
     )
-    url = f"http://127.0.0.1:{port}"
+    instance.start()
     try:
-        _wait_until_healthy(url, process)
-        yield Server(url)
+        yield Server(instance.url)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        instance.stop()
 
 
 async def test_status_change_in_one_tab_shows_in_the_other_within_a_second(
