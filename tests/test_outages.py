@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from deploy.cluster import Instance, RedisServer
+from deploy.cluster import HOST, Instance, RedisServer
 from service.backend.redis import COMMAND_TIMEOUT, HEALTH_CHECK_INTERVAL, SOCKET_TIMEOUT
 from service.middleware import RETRY_AFTER_SECONDS
 
@@ -162,3 +162,135 @@ async def test_hung_redis_answers_503_in_time_is_noticed_by_the_ping_and_loses_n
     after = await put(http, first, "t", progress=100)
     assert (after["version"], after["progress"]) == (store["version"] + 1, 100)
     assert tracebacks(first, second) == []
+
+
+# --- Redis down when the instance starts ----------------------------------------------------------
+
+
+async def test_instance_started_while_redis_is_down_serves_503_not_ready_then_ready_once_it_is_up(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    redis = RedisServer(tmp_path / "redis")  # its port chosen, nothing listening on it yet
+    app = instance_on(redis, tmp_path, "early")
+    try:
+        app.start(ready=False)  # it serves (after waiting a while for the subscription)
+        assert await not_ready(http, app)
+        status, retry, body, _ = await timed(http.get(f"{app.url}/api/tasks/t"))
+        assert (status, retry, body["error"]["code"]) == (
+            503,
+            RETRY_AFTER_SECONDS,
+            "backend_unavailable",
+        )
+        assert "subscription not live yet" in app.log_text()
+
+        redis.start()
+        await wait_until(partial(ready, http, app), 15, "the instance ready", interval=0.1)
+        written = await put(http, app, "t", status="completed")
+        async with http.get(f"{app.url}/api/tasks/t") as response:
+            assert response.status == 200 and await response.json() == written
+        assert tracebacks(app) == []
+    finally:
+        app.stop()
+        redis.stop()
+
+
+# --- a bug while answering ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_and_instance(tmp_path: Path) -> Iterator[tuple[RedisServer, Instance]]:
+    redis = RedisServer(tmp_path / "redis")
+    app = instance_on(redis, tmp_path, "buggy")
+    try:
+        redis.start()
+        app.start()
+        yield redis, app
+    finally:
+        app.stop()
+        redis.stop()
+
+
+async def test_a_bug_while_answering_is_a_json_500_logged_with_its_traceback_and_the_rest_serves(
+    redis_and_instance: tuple[RedisServer, Instance], http: aiohttp.ClientSession
+) -> None:
+    """A state in the store that is not JSON (another program's bug, a hand edit) is no client
+    mistake and no outage: the instance answers 500 in the API's error shape, logs the
+    traceback for whoever fixes it, and goes on serving every other task."""
+    redis, app = redis_and_instance
+    redis.command("HSET", f"{PREFIX}task:broken", "state", "{not json", "version", "1")
+    status, retry, body, _ = await timed(http.get(f"{app.url}/api/tasks/broken"))
+    assert (status, retry) == (500, "")
+    assert body == {"error": {"code": "internal_error", "message": "internal server error"}}
+    log = app.log_text()
+    assert "unhandled error on GET /api/tasks/broken" in log
+    assert "Traceback" in log and "JSONDecodeError" in log
+    written = await put(http, app, "fine", status="completed")
+    async with http.get(f"{app.url}/api/tasks/fine") as response:
+        assert await response.json() == written
+    assert await ready(http, app)
+
+
+# --- malformed HTTP -------------------------------------------------------------------------------
+
+# Requests aiohttp's parser refuses before any handler runs (it answers 400 and closes).
+MALFORMED = [
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"PUT /api/tasks/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"PUT /api/tasks/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked, x\r\n\r\n",
+    b"G\x00ET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(64)),  # TLS to a plain port
+    b"GET / HTTP/1.1\r\n\x01\x02\x03: y\r\n\r\n",
+    b"GET / HTTP/1.1\r\n Host: folded\r\n\r\n",
+]
+
+
+async def send_raw(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a connection of its own; what comes back until the server closes."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), 10)
+        except ConnectionError:
+            return b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+async def test_a_flood_of_malformed_http_is_refused_and_logs_no_traceback(
+    tmp_path: Path, http: aiohttp.ClientSession, level: str
+) -> None:
+    """aiohttp logs each request its parser refuses at ERROR with a traceback; the service's log
+    filter makes it one DEBUG line (shown only at --log-level DEBUG), so no client can flood the
+    log, and the instance goes on serving."""
+    app = Instance(tmp_path, f"flooded-{level.lower()}", extra_args=["--log-level", level])
+    app.start()
+    try:
+        rounds = 20
+        answers = []
+        for _ in range(rounds):
+            answers += await asyncio.gather(*(send_raw(app.port, data) for data in MALFORMED))
+        # Each refused with a 400 (or, for the oversized header, maybe cut off while sending).
+        firsts = {answer.split(b"\r\n", 1)[0] for answer in answers}
+        assert firsts <= {b"HTTP/1.0 400 Bad Request", b""}, firsts
+        assert len([answer for answer in answers if answer]) >= (len(MALFORMED) - 1) * rounds
+        assert await ready(http, app)
+        await put(http, app, "after", status="completed")
+        app.stop()
+        log = app.log_text()
+        assert "Traceback" not in log, log[-3000:]
+        assert " ERROR " not in log, log[-3000:]
+        quiet = log.count("bad request from a client")  # one line each, shown at DEBUG only
+        assert quiet == (len(answers) if level == "DEBUG" else 0)
+    finally:
+        app.stop()
