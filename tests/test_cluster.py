@@ -10,7 +10,6 @@ import asyncio
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
@@ -101,15 +100,31 @@ async def test_poll_on_one_instance_wakes_on_update_through_another_within_200ms
         "the poll held on instance 1",
         interval=0.05,
     )
-    started = time.monotonic()
+    count_before, total_before = await notify_delay(http, first)
     status, written = await put(http, third.url, "cross-1", {"status": "in_progress"})
     code, state, served_by = await held
-    elapsed = time.monotonic() - started
     assert status == 200 and code == 200
     assert state is not None and state["version"] == written["version"] == 1
     assert state["status"] == "in_progress"
     assert served_by == first.instance_id
-    assert elapsed < 0.2, f"woken after {elapsed * 1000:.0f} ms"
+    # Timed by the clocks that see it: from the write's publish (Redis' clock stamps it) to the
+    # moment instance 1 wrote the answer (its notify delay), not by this process, which shares
+    # two cores with three instances, nginx and Redis.
+    count, total = await notify_delay(http, first)
+    delay = total - total_before
+    assert count == count_before + 1 and delay < 0.2, f"woken after {delay * 1000:.0f} ms"
+
+
+async def notify_delay(http: aiohttp.ClientSession, instance: Instance) -> tuple[float, float]:
+    """How many long polls ``instance`` answered with a change, and their notify delays' sum."""
+    async with http.get(f"{instance.url}/metrics") as response:
+        text = await response.text()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("taskstatus_notify_delay_seconds_") and 'transport="longpoll"' in line:
+            name, value = line.rsplit(" ", 1)
+            found[name.split("{")[0].rsplit("_", 1)[1]] = float(value)
+    return found["count"], found["sum"]
 
 
 async def _positive(count: Any) -> bool:

@@ -22,10 +22,15 @@ from tests.browser import (
     go_live,
     is_snapshot,
     is_watch,
+    is_write,
     new_tab,
+    now_ms,
     open_board,
     put_task,
     screenshot,
+    sent_at,
+    shown_since,
+    shown_within,
     task,
 )
 
@@ -64,9 +69,14 @@ async def test_status_change_in_one_tab_shows_in_the_other_within_a_second(
     other = await open_board(browser, server.url)
     await expect(task(other, "deploy-web", "status")).to_have_value("in_progress")
 
-    await task(one, "deploy-web", "status").select_option("completed")
+    async with one.expect_response(is_write):  # (its timing entry exists once it is done)
+        await task(one, "deploy-web", "status").select_option("completed")
 
-    await expect(task(other, "deploy-web", "status")).to_have_value("completed", timeout=1000)
+    await expect(task(other, "deploy-web", "status")).to_have_value("completed")
+    # Within a second, by the tabs' clocks: from the write one sent to the moment other showed it.
+    sent = await sent_at(one, "/api/tasks/deploy-web")
+    delay = await shown_since(other, "deploy-web", "completed") - sent
+    assert delay < 1000, f"shown after {delay:.0f} ms"
     await expect(task(other, "deploy-web")).to_have_attribute("data-status", "completed")
     await expect(task(one, "deploy-web", "status")).to_have_value("completed")
     await expect(task(one, "deploy-web", "error")).to_be_hidden()
@@ -257,9 +267,12 @@ async def test_task_page_follows_its_task(browser: Browser, server: Server) -> N
     page = await open_board(browser, server.url, "/tasks/single")
     await expect(task(page, "single", "progress")).to_have_attribute("aria-valuenow", "10")
 
-    await server.put("single", status="in_progress", progress=55, message="halfway")
+    asked = now_ms()
+    written = await server.put("single", status="in_progress", progress=55, message="halfway")
 
-    await expect(task(page, "single", "status")).to_have_value("in_progress", timeout=1000)
+    delay = await shown_within(page, "single", written, asked)
+    assert delay < 1000, f"shown {delay:.0f} ms after the write was sent"
+    await expect(task(page, "single", "status")).to_have_value("in_progress")
     await expect(task(page, "single", "message")).to_have_text("halfway")
     await expect(page.locator("[data-task]")).to_have_count(1)
     await screenshot(page, "task_page")
