@@ -190,9 +190,6 @@ async def metric(client: Client, name: str) -> float:
 
 async def exits_cleanly(instance: Instance, timeout: float = 5.0) -> None:
     """A signalled service process exits within ``timeout`` with code 0 and no traceback logged."""
-    deadline = time.monotonic() + timeout
-    while instance.running:
-        assert time.monotonic() < deadline, "the process did not exit"
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: not instance.running, timeout, "the process to exit", interval=0.05)
     assert instance.stop() == 0
     assert "Traceback" not in instance.log_text()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -325,10 +324,7 @@ async def test_quiet_stream_stays_on_one_connection_over_many_heartbeats(
     await go_live(page, f"{quick_heartbeat.url}/?transport={transport}")
     # Ten heartbeats (SSE comments, or pongs to the page's pings): over three times the silence
     # after which the page would call the connection dead and open another.
-    deadline = time.monotonic() + 30
-    while len(arrivals) < 10:
-        assert time.monotonic() < deadline, arrivals
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: len(arrivals) >= 10, 30, lambda: f"ten heartbeats: {arrivals}")
     assert await connection_states(page) == ["connecting", "live"]
     if transport == "sse":
         assert sum(path.endswith("/api/events") for path in traffic.paths) == 1, traffic.paths

@@ -12,7 +12,7 @@ import signal
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +254,10 @@ async def test_an_instance_that_falls_silent_shows_down_then_disappears(
     assert row(await view(client), "alive") is not None
 
 
+async def _equals(value: Awaitable[float], expected: float) -> bool:
+    return await value == expected
+
+
 async def _remaining_at_most(store: Redis, key: str, ms: int) -> bool:
     remaining = await store.pttl(key)
     assert remaining != -2, "the record expired before the test saw it stale"
@@ -279,10 +283,9 @@ async def test_sigterm_answers_a_held_dashboard_at_once(tmp_path: Path) -> None:
                 cursor = (await first.json())["cursor"]
             ahead = f"{service.url}{CLUSTER_WATCH_PATH}?since={cursor + 4000}&timeout=50"
             held = asyncio.create_task(http.get(ahead))
-            deadline = time.monotonic() + 5
-            while await held_dashboards(http, service.url) != 1:
-                assert time.monotonic() < deadline, "the dashboard poll was never held"
-                await asyncio.sleep(0.02)
+            await wait_until(
+                lambda: _equals(held_dashboards(http, service.url), 1), 5, "the dashboard poll held"
+            )
             started = time.monotonic()
             service.send(signal.SIGTERM)
             response = await asyncio.wait_for(held, 10)
