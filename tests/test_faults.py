@@ -21,7 +21,7 @@ import random
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,6 +32,7 @@ import pytest
 
 from deploy.cluster import Cluster, Instance, running_cluster
 
+from .conftest import wait_until
 from .history import Failure, History, Seen, Write
 
 HOLD = 10  # seconds a poll asks to be held
@@ -60,23 +61,13 @@ def task_ids(count: int) -> list[str]:
     return [f"t{n:03d}" for n in range(count)]
 
 
-async def until(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float) -> None:
-    """Probe ``condition`` until it holds; fail after ``timeout`` seconds (never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        holds = condition()
-        if holds if isinstance(holds, bool) else await holds:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def until_held(probe: aiohttp.ClientSession, instances: list[Instance], count: int) -> None:
     async def enough() -> bool:
         return await held_polls(probe, instances) >= count
 
-    await until(enough, f"{count} polls held on {[app.name for app in instances]}", 20)
+    await wait_until(
+        enough, 20, f"{count} polls held on {[app.name for app in instances]}", interval=0.05
+    )
 
 
 async def until_ready(probe: aiohttp.ClientSession, instances: list[Instance]) -> None:
@@ -85,7 +76,7 @@ async def until_ready(probe: aiohttp.ClientSession, instances: list[Instance]) -
         async def up(app: Instance = app) -> bool:
             return await ready(probe, app)
 
-        await until(up, f"{app.name} ready", 15)
+        await wait_until(up, 15, f"{app.name} ready", interval=0.05)
 
 
 async def held_polls(probe: aiohttp.ClientSession, instances: Iterable[Instance]) -> int:
@@ -241,12 +232,12 @@ class Load:
                 final[task] = await response.json()
         versions = {task: state["version"] for task, state in final.items()}
 
-        try:
-            await until(
-                lambda: not self.history.lagging(versions), "every watcher current", HOLD * 2
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}: {self.history.lagging(versions)[:10]}") from None
+        await wait_until(
+            lambda: not self.history.lagging(versions),
+            HOLD * 2,
+            lambda: f"every watcher current: {self.history.lagging(versions)[:10]}",
+            interval=0.05,
+        )
         await self.stop()
         return final
 
@@ -336,7 +327,9 @@ async def test_instance_killed_under_1000_held_polls_and_50_writes_a_second_clie
         load.poll_tasks(tasks, per_task=10)
         await until_held(probe, cluster.instances, 1000)
         writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=400))
-        await until(lambda: len(load.history.acknowledged) >= 100, "100 writes", 10)
+        await wait_until(
+            lambda: len(load.history.acknowledged) >= 100, 10, "100 writes", interval=0.05
+        )
         held_there = await held_polls(probe, [doomed])
         killed_at = time.monotonic()
         await asyncio.to_thread(doomed.kill)
@@ -437,9 +430,11 @@ async def test_redis_killed_and_restarted_from_its_aof_keeps_every_acknowledged_
         await until_held(probe, cluster.instances, 200)
         writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=500))
         history = load.history
-        await until(lambda: len(history.acknowledged) >= 100, "100 writes", 10)
+        await wait_until(lambda: len(history.acknowledged) >= 100, 10, "100 writes", interval=0.05)
         await asyncio.to_thread(cluster.redis.kill)
-        await until(lambda: len(history.unacknowledged) >= 10, "refused writes", 10)
+        await wait_until(
+            lambda: len(history.unacknowledged) >= 10, 10, "refused writes", interval=0.05
+        )
         held_while_away = await held_polls(probe, cluster.instances)
         before = len(history.acknowledged)
         await asyncio.to_thread(cluster.redis.start)  # same port, same append-only file
@@ -474,7 +469,9 @@ async def test_nginx_reloaded_five_times_under_load_fails_no_request(
         for n in range(1, 6):
             # SIGHUP to the master, as `nginx -s reload`; returns once the new workers serve.
             await asyncio.to_thread(cluster.nginx.reload)
-            await until(partial(_written, history, 40 * n), "40 writes more", 10)
+            await wait_until(
+                partial(_written, history, 40 * n), 10, "40 writes more", interval=0.05
+            )
         writes_done.set()
         await writing
         final = await load.converge(probe, tasks)
@@ -505,7 +502,7 @@ async def test_subscription_killed_every_200ms_for_3s_during_writes_every_watche
         await until_held(probe, cluster.instances, 210)
         writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=250))
         history = load.history
-        await until(lambda: len(history.acknowledged) >= 25, "25 writes", 10)
+        await wait_until(lambda: len(history.acknowledged) >= 25, 10, "25 writes", interval=0.05)
         killed = 0
         for _ in range(15):  # the fault's schedule: a kill every 200 ms for 3 s
             out = await asyncio.to_thread(cluster.redis.command, "CLIENT", "KILL", "TYPE", "pubsub")
