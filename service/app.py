@@ -114,9 +114,10 @@ def create_app(config: Config) -> web.Application:
 
 
 def quiet_bad_requests(record: logging.LogRecord) -> bool:
-    """Log filter: a client's malformed HTTP becomes one DEBUG line, not an ERROR traceback."""
+    """Log filter: a client's malformed HTTP becomes one DEBUG line, not a traceback (aiohttp
+    logs most at ERROR, some, such as TLS sent to the plain port, at DEBUG: each with one)."""
     error = record.exc_info[1] if record.exc_info else None
-    if isinstance(error, HttpProcessingError) and record.levelno >= logging.ERROR:
+    if isinstance(error, HttpProcessingError):
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         record.msg, record.args, record.exc_info = "bad request from a client: %s", (error,), None
         return logging.getLogger("aiohttp.server").isEnabledFor(logging.DEBUG)

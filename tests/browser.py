@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -49,7 +50,8 @@ RECORDER = """
 (() => {
   const seen = (window.__seen = {});
   const states = (window.__states = []);
-  const since = (window.__since = {});  // "task|status": when the tab first showed it (epoch ms)
+  // "task|status" and "task|#version": when the tab first showed it (epoch ms, the tab's clock)
+  const since = (window.__since = {});
   const text = (card, name) => card.querySelector(`[data-field="${name}"]`);
   new MutationObserver(() => {
     const connection = document.getElementById("connection")?.dataset.state;
@@ -63,6 +65,7 @@ RECORDER = """
       ].join("|");
       const now = performance.timeOrigin + performance.now();
       since[`${card.dataset.task}|${card.dataset.status}`] ??= now;
+      since[`${card.dataset.task}|#${text(card, "version").textContent}`] ??= now;
       const history = (seen[card.dataset.task] ??= []);
       if (history.at(-1) !== shown) history.push(shown);
     }
@@ -135,6 +138,26 @@ async def shown_since(page: Page, task_id: str, status: str) -> float:
     )
     assert shown is not None, f"the tab never showed {task_id} as {status}"
     return shown
+
+
+async def version_shown_at(page: Page, task_id: str, version: int) -> float:
+    """When (epoch ms, the tab's clock) the tab first showed ``task_id`` at ``version``."""
+    return await shown_since(page, task_id, f"#{version}")
+
+
+async def shown_within(page: Page, task_id: str, state: dict[str, Any], since: float) -> float:
+    """Milliseconds from ``since`` (epoch ms, e.g. when a write was sent) until the tab showed
+    ``task_id`` at ``state``'s version; waits (Playwright's default timeout) until it does.
+
+    A requirement such as "shown within a second" is timed so, by the tab's own clock, not by how
+    often Playwright looks: on two busy cores its checks can be half a second apart."""
+    await expect(task(page, task_id, "version")).to_have_text(str(state["version"]))
+    return await version_shown_at(page, task_id, state["version"]) - since
+
+
+def now_ms() -> float:
+    """The wall clock in epoch ms, as a tab's ``performance.timeOrigin + now()`` reads it."""
+    return time.time() * 1000
 
 
 async def sent_at(page: Page, path: str) -> float:

@@ -1,14 +1,19 @@
-"""Fixtures for the core service: the real app on a real port (aiohttp's test server), and helpers.
+"""Fixtures for the core service: the real app on a real port (aiohttp's test server), and the
+helpers every test module shares, one per purpose (test modules never import from each other):
 
-``wait_until`` waits on a condition (e.g. the hub's waiter count), never on a fixed delay.
+- ``wait_until`` waits on a condition (e.g. the hub's waiter count), never on a fixed delay;
+- ``token`` mints an access token signed with ``SECRET`` (``bearer`` makes it a header);
+- ``change`` builds a change as a backend publishes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Any, Protocol
 
 import pytest
@@ -18,11 +23,15 @@ from pytest_aiohttp import AiohttpClient
 
 from deploy.cluster import Instance, RedisServer
 from service.app import create_app
+from service.auth import LEEWAY_SECONDS, mint_token
 from service.config import Config
-from service.hub import Hub
+from service.hub import Change, Hub
 from service.keys import BACKEND, HUB
+from service.model import Cursor, TaskState
 
 INSTANCE_ID = "test-instance-1"
+# The one secret the tests sign tokens with: long enough for HS512 too.
+SECRET = "test-secret-" + "0123456789abcdef" * 4
 
 Client = TestClient[web.Request, web.Application]
 
@@ -32,14 +41,69 @@ class ClientFactory(Protocol):
 
 
 async def wait_until(
-    predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
+    condition: Callable[[], object | Awaitable[object]],
+    timeout: float = 5.0,
+    what: str | Callable[[], str] = "condition",
+    *,
+    interval: float = 0.01,
 ) -> None:
-    """Yield to the loop until ``predicate()`` holds; fail the test after ``timeout`` seconds."""
+    """Check ``condition()`` (a function, or a coroutine function) until it holds, yielding to the
+    loop in between; fail the test after ``timeout`` seconds, saying ``what`` (or what a function
+    ``what`` tells then) was waited for."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        holds = condition()
+        if inspect.isawaitable(holds):
+            holds = await holds
+        if holds:
+            return
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
+            told = what if isinstance(what, str) else what()
+            pytest.fail(f"timed out after {timeout} s waiting for {told}")
+        await asyncio.sleep(interval)
+
+
+def token(
+    *scopes: str,
+    tasks: Collection[str] = (),
+    subject: str | None = None,
+    ttl: float = 300,
+    valid_for: float | None = None,
+    audience: str = "taskstatus",
+    issuer: str = "",
+) -> str:
+    """A token signed with ``SECRET`` granting ``scopes`` (default: read), on ``tasks`` only if
+    any, by the service's own minter.
+
+    With ``valid_for``, one that the service stops accepting between ``valid_for`` and
+    ``valid_for + 1`` seconds from now, whatever the fraction of the current second: its ``exp``
+    is a whole second, and the service accepts it for ``LEEWAY_SECONDS`` past that.
+    """
+    now = None
+    if valid_for is not None:
+        expires = math.ceil(time.time() + valid_for) - LEEWAY_SECONDS  # accepted until +leeway
+        now, ttl = expires - 1, 1
+    return mint_token(
+        SECRET,
+        "HS256",
+        scopes=scopes or ("tasks:read",),
+        ttl=ttl,
+        audience=audience,
+        subject=subject,
+        tasks=list(tasks),
+        issuer=issuer,
+        now=now,
+    )
+
+
+def bearer(raw: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {raw}"}
+
+
+def change(task: str, version: int, seq: int | None = None) -> Change:
+    """A change of ``task`` to ``version`` (at ``seq`` in the stream, default the version)."""
+    state = TaskState(task=task, status="in_progress", version=version)
+    return Change(state, Cursor("e", version if seq is None else seq))
 
 
 def hub_of(client: Client) -> Hub:
@@ -116,11 +180,16 @@ async def get_state(client: Client, task: str = "default") -> dict[str, Any]:
     return state
 
 
+async def metric(client: Client, name: str) -> float:
+    """One sample of the instance's /metrics, e.g. ``taskstatus_held_polls{transport="sse"}``."""
+    text = await (await client.get("/metrics")).text()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]
+    assert len(values) == 1, (name, values)
+    return values[0]
+
+
 async def exits_cleanly(instance: Instance, timeout: float = 5.0) -> None:
     """A signalled service process exits within ``timeout`` with code 0 and no traceback logged."""
-    deadline = time.monotonic() + timeout
-    while instance.running:
-        assert time.monotonic() < deadline, "the process did not exit"
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: not instance.running, timeout, "the process to exit", interval=0.05)
     assert instance.stop() == 0
     assert "Traceback" not in instance.log_text()

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ import aiohttp
 
 from deploy.cluster import Cluster, Instance
 
+from .conftest import wait_until
 from .history import Failure, History, Seen, Write
 
 HOLD = 10  # seconds a poll asks to be held
@@ -35,23 +36,13 @@ def task_ids(count: int) -> list[str]:
     return [f"t{n:03d}" for n in range(count)]
 
 
-async def until(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float) -> None:
-    """Probe ``condition`` until it holds; fail after ``timeout`` seconds (never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        holds = condition()
-        if holds if isinstance(holds, bool) else await holds:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def until_held(probe: aiohttp.ClientSession, instances: list[Instance], count: int) -> None:
     async def enough() -> bool:
         return await held_polls(probe, instances) >= count
 
-    await until(enough, f"{count} polls held on {[app.name for app in instances]}", 20)
+    await wait_until(
+        enough, 20, f"{count} polls held on {[app.name for app in instances]}", interval=0.05
+    )
 
 
 async def until_ready(probe: aiohttp.ClientSession, instances: list[Instance]) -> None:
@@ -60,7 +51,7 @@ async def until_ready(probe: aiohttp.ClientSession, instances: list[Instance]) -
         async def up(app: Instance = app) -> bool:
             return await ready(probe, app)
 
-        await until(up, f"{app.name} ready", 15)
+        await wait_until(up, 15, f"{app.name} ready", interval=0.05)
 
 
 async def held_polls(probe: aiohttp.ClientSession, instances: Iterable[Instance]) -> int:
@@ -216,12 +207,12 @@ class Load:
                 final[task] = await response.json()
         versions = {task: state["version"] for task, state in final.items()}
 
-        try:
-            await until(
-                lambda: not self.history.lagging(versions), "every watcher current", HOLD * 2
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}: {self.history.lagging(versions)[:10]}") from None
+        await wait_until(
+            lambda: not self.history.lagging(versions),
+            HOLD * 2,
+            lambda: f"every watcher current: {self.history.lagging(versions)[:10]}",
+            interval=0.05,
+        )
         await self.stop()
         return final
 

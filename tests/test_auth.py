@@ -40,22 +40,11 @@ from tests.browser import (
     task,
 )
 
-from .conftest import Client, ClientFactory, put, wait_for_waiters
+from .conftest import SECRET, Client, ClientFactory, bearer, put, token, wait_for_waiters
 
-SECRET = "test-secret-" + "0123456789abcdef" * 4  # long enough for HS512 too
 READ, WRITE = "tasks:read", "tasks:write"
 REPO = Path(__file__).resolve().parent.parent
 JSON = {"Content-Type": "application/json"}
-
-
-def token(*scopes: str, tasks: tuple[str, ...] = (), ttl: float = 300, **kw: Any) -> str:
-    return mint_token(
-        SECRET, "HS256", scopes=scopes, ttl=ttl, audience="taskstatus", tasks=tasks, **kw
-    )
-
-
-def bearer(value: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {value}"}
 
 
 def hand_made(claims: dict[str, Any], key: Any = SECRET, algorithm: str = "HS256") -> str:
@@ -220,7 +209,7 @@ async def test_issuer_is_checked_when_configured(make_client: ClientFactory) -> 
 
 async def test_audience_is_configurable(make_client: ClientFactory) -> None:
     client = await make_client(auth_secret=SECRET, auth_audience="board-eu")
-    ours = mint_token(SECRET, "HS256", scopes=[READ], ttl=60, audience="board-eu")
+    ours = token(READ, ttl=60, audience="board-eu")
     assert (await client.get("/api/tasks/x", headers=bearer(ours))).status == 200
     await assert_unauthorized(await client.get("/api/tasks/x", headers=bearer(token(READ))))
 

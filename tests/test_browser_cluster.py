@@ -14,7 +14,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,18 @@ from tests.browser import (
     is_watch,
     is_write,
     new_tab,
+    now_ms,
     open_board,
     put_task,
     screenshot,
     sent_at,
     shown_as,
     shown_since,
+    shown_within,
     task,
 )
+
+from .conftest import wait_until
 
 REDIS_OUTAGE = 5.0  # seconds Redis stays down in the outage scenario
 # After a fault the page retries with jittered backoff (capped at 15 s) and nginx counts a failed
@@ -74,27 +78,13 @@ async def held_watches(instances: Iterable[Instance]) -> int:
     return await asyncio.to_thread(_held_watches, list(instances))
 
 
-async def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
-    """Await ``check()`` (sync or async) until it is true; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = check()
-        if asyncio.iscoroutine(outcome):
-            outcome = await outcome
-        if outcome:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def until_held(instances: Iterable[Instance], count: int) -> None:
     apps = list(instances)
 
     async def held() -> bool:
         return await held_watches(apps) == count
 
-    await until(held, f"{count} watches held on the instances")
+    await wait_until(held, 10.0, f"{count} watches held on the instances", interval=0.05)
 
 
 async def write(cluster: Cluster, task_id: str, **update: Any) -> dict[str, Any]:
@@ -159,11 +149,11 @@ async def test_progress_reported_through_the_api_shows_in_every_tab_step_by_step
         {"status": "completed", "message": "done"},
     ]
     for step in steps:
+        asked = now_ms()
         states.append(await write(cluster, "s2-encode", **step))
-        for tab in tabs:
-            await expect(task(tab, "s2-encode", "version")).to_have_text(
-                str(states[-1]["version"]), timeout=1000
-            )
+        for tab in tabs:  # within a second of the write, by the tab's clock
+            delay = await shown_within(tab, "s2-encode", states[-1], asked)
+            assert delay < 1000, f"step {len(states) - 1} shown after {delay:.0f} ms"
 
     for tab in tabs:  # each step shown, in order, none skipped or repeated
         assert await history(tab, "s2-encode") == [shown_as(state) for state in states]
@@ -357,7 +347,7 @@ async def test_board_of_thirty_tasks_holds_one_request_per_tab_and_shows_new_tas
         def one_in_flight(count: WatchCount = count) -> bool:
             return len(count.in_flight) == 1
 
-        await until(one_in_flight, "one watch in flight")
+        await wait_until(one_in_flight, 10.0, "one watch in flight", interval=0.05)
         assert count.most == 1
         # A snapshot, then at most one request per change: nothing per task.
         assert 2 <= count.sent <= 2 + changes, count.sent

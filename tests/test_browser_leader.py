@@ -13,7 +13,7 @@ import functools
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, Request, expect
 
 from deploy.cluster import Instance
-from service.auth import mint_token
 from tests.browser import (
     RECORDER,
     VIEWPORT,
@@ -34,9 +33,10 @@ from tests.browser import (
     task,
 )
 
+from .conftest import SECRET, token, wait_until
+
 POLL_TIMEOUT = 3  # short holds: the leader also goes through 204 answers and re-polls
 TABS = 6
-SECRET = "leader-test-secret-of-32-bytes-at-least"
 # Keeps a page's one thread busy for ``ms`` milliseconds: it handles no message, timer or answer.
 HANG = "(ms) => { const end = Date.now() + ms; while (Date.now() < end) {} }"
 HANG_MS = 10_000
@@ -45,10 +45,10 @@ ANSWER_PINGS = """() => {
   const channel = new BroadcastChannel("test-ping");
   channel.onmessage = () => channel.postMessage("pong");
 }"""
-# True when no page answers a ping within half a second.
-PING = """() => new Promise((resolve) => {
+# True when no page answers a ping within ``ms`` milliseconds.
+PING = """(ms) => new Promise((resolve) => {
   const channel = new BroadcastChannel("test-ping");
-  const unanswered = setTimeout(() => { channel.close(); resolve(true); }, 500);
+  const unanswered = setTimeout(() => { channel.close(); resolve(true); }, ms);
   channel.onmessage = () => { clearTimeout(unanswered); channel.close(); resolve(false); };
   channel.postMessage("ping");
 })"""
@@ -125,32 +125,13 @@ def _held_watches(url: str) -> int:
         return held
 
 
-async def until(
-    check: Callable[[], Awaitable[bool] | bool],
-    what: str | Callable[[], str],
-    timeout: float = 10,
-) -> None:
-    """Check until true; fail with ``what`` (or what it tells, when a function) at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = check()
-        if not isinstance(outcome, bool):
-            outcome = await outcome
-        if outcome:
-            return
-        if time.monotonic() > deadline:
-            told = what if isinstance(what, str) else what()
-            pytest.fail(f"timed out after {timeout} s waiting for {told}")
-        await asyncio.sleep(0.05)
-
-
 async def role(page: Page) -> str | None:
     return await page.locator("#connection").get_attribute("data-poll")
 
 
-async def unanswered_ping(page: Page) -> bool:
+async def unanswered_ping(page: Page, within_ms: int) -> bool:
     """True when the page that answers pings (ANSWER_PINGS) did not answer one from ``page``."""
-    answered: bool = await page.evaluate(PING)
+    answered: bool = await page.evaluate(PING, within_ms)
     return answered
 
 
@@ -175,11 +156,13 @@ async def one_poll_between(pages: list[Page], watches: Watches, server_url: str)
         expected = ["follower"] * (len(pages) - 1) + ["leader"]
         return roles == expected and len(watches.in_flight) == 1 and held == 1
 
-    await until(
+    await wait_until(
         settled,
+        10,
         lambda: (
             f"one leader, {len(pages) - 1} followers, one watch; roles, in flight, held: {seen}"
         ),
+        interval=0.05,
     )
     (leader,) = await leaders(pages)
     assert watches.pages() == {leader}
@@ -231,7 +214,12 @@ async def test_closing_the_leader_tab_hands_the_poll_to_another_within_a_second(
     closed_at = time.monotonic()
     await leader.close()
     rest = [tab for tab in tabs if tab is not leader]
-    await until(lambda: any(at > closed_at for at, _ in watches.sent), "a watch from another tab")
+    await wait_until(
+        lambda: any(at > closed_at for at, _ in watches.sent),
+        10,
+        "a watch from another tab",
+        interval=0.05,
+    )
     taken_after = min(at for at, _ in watches.sent if at > closed_at) - closed_at
     assert taken_after < 1.0, taken_after
     successor = await one_poll_between(rest, watches, server.url)
@@ -261,13 +249,20 @@ async def test_a_leader_that_does_not_answer_is_replaced_and_follows_once_it_doe
     others = [tab for tab in tabs if tab is not leader]
     # The leader's page hangs (as a frozen or busy tab does): it runs nothing for a while.
     await leader.evaluate(ANSWER_PINGS)
-    assert not await unanswered_ping(others[1])
+    # It runs: it answers (a round trip through the browser, which two busy cores may delay
+    # well past half a second; a page that runs nothing never answers at all).
+    assert not await unanswered_ping(others[1], 10_000)
     hang = asyncio.create_task(leader.evaluate(HANG, HANG_MS))
-    await until(lambda: unanswered_ping(others[1]), "the leader hung")
+    await wait_until(lambda: unanswered_ping(others[1], 1000), 10, "the leader hung", interval=0.05)
 
     # A follower seen again asks the leader for a fresh snapshot; a hung one cannot answer.
     await others[0].evaluate("document.dispatchEvent(new Event('visibilitychange'))")
-    await until(lambda: roles_are(others, ["follower", "leader"]), "a follower taking the lead")
+    await wait_until(
+        lambda: roles_are(others, ["follower", "leader"]),
+        10,
+        "a follower taking the lead",
+        interval=0.05,
+    )
     written = await put_task(server.url, "shared-3", status="in_progress", progress=5)
     await all_show(others, "shared-3", written)
     assert not hang.done()  # all that while, the old leader ran nothing
@@ -289,20 +284,22 @@ async def test_tabs_with_different_tokens_do_not_share_a_poll(
     context = await browser.new_context(viewport=VIEWPORT)
     await context.add_init_script(RECORDER)
     try:
-        token = mint_token(
-            SECRET, "HS256", scopes=["tasks:read", "tasks:write"], ttl=600, audience="taskstatus"
-        )
+        raw = token("tasks:read", "tasks:write", ttl=600)
         watches = Watches(context)
         anonymous = await open_tabs(context, f"{instance.url}/", 2)
-        with_token = await open_tabs(context, f"{instance.url}/#token={token}", 2)
+        with_token = await open_tabs(context, f"{instance.url}/#token={raw}", 2)
         await expect(with_token[0].locator("#token-state")).to_be_visible()
         # Two groups: the tabs without a token share one watch, those with the token another.
         for group in (anonymous, with_token):
-            await until(
+            await wait_until(
                 functools.partial(roles_are, group, ["follower", "leader"]),
+                10,
                 "a leader and a follower in each group",
+                interval=0.05,
             )
-        await until(lambda: len(watches.in_flight) == 2, "two watches in flight")
+        await wait_until(
+            lambda: len(watches.in_flight) == 2, 10, "two watches in flight", interval=0.05
+        )
         assert await asyncio.to_thread(_held_watches, instance.url) == 2
         (anonymous_leader,) = await leaders(anonymous)
         (token_leader,) = await leaders(with_token)
@@ -310,10 +307,10 @@ async def test_tabs_with_different_tokens_do_not_share_a_poll(
         assert set(sent_by) == {anonymous_leader, token_leader}
         assert "authorization" not in await sent_by[anonymous_leader].all_headers()
         token_headers = await sent_by[token_leader].all_headers()
-        assert token_headers["authorization"] == f"Bearer {token}"
+        assert token_headers["authorization"] == f"Bearer {raw}"
 
         written = await asyncio.to_thread(
-            _put_with_token, instance.url, "shared-4", token, {"status": "in_progress"}
+            _put_with_token, instance.url, "shared-4", raw, {"status": "in_progress"}
         )
         await all_show([*anonymous, *with_token], "shared-4", written)
     finally:

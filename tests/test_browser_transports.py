@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 from playwright.async_api import Browser, Page, Request, WebSocket, expect
 
@@ -28,13 +26,17 @@ from tests.browser import (
     history,
     is_write,
     new_tab,
+    now_ms,
     put_task,
     screenshot,
     sent_at,
     shown_as,
     shown_since,
+    shown_within,
     task,
 )
+
+from .conftest import SECRET, token, wait_until
 
 TRANSPORTS = ["longpoll", "sse", "ws"]
 STREAMING = ["sse", "ws"]
@@ -93,10 +95,13 @@ def _held(instances: Iterable[Instance]) -> int:
 async def until_held(instances: Iterable[Instance], count: int, timeout: float = 10.0) -> None:
     """Wait until the instances hold ``count`` board followers (watches, streams, sockets)."""
     apps = list(instances)
-    deadline = time.monotonic() + timeout
-    while (held := await asyncio.to_thread(_held, apps)) != count:
-        assert time.monotonic() < deadline, f"{held} board followers held, not {count}"
-        await asyncio.sleep(0.05)
+    held: list[int] = []
+
+    async def reached() -> bool:
+        held[:] = [await asyncio.to_thread(_held, apps)]
+        return held == [count]
+
+    await wait_until(reached, timeout, lambda: f"{held} board followers held, not {count}")
 
 
 # --- scenario 1, on every transport -----------------------------------------------------------
@@ -152,10 +157,10 @@ async def test_task_page_follows_its_task_step_by_step(
     traffic = Traffic(page)
     await go_live(page, f"{cluster.url}/tasks/{task_id}?transport={transport}")
     for step in ({"status": "in_progress", "progress": 10}, {"progress": 70}, {"progress": 100}):
+        asked = now_ms()
         states.append(await put_task(cluster.url, task_id, **step))
-        await expect(task(page, task_id, "version")).to_have_text(
-            str(states[-1]["version"]), timeout=1000
-        )
+        delay = await shown_within(page, task_id, states[-1], asked)  # by the tab's clock
+        assert delay < 1000, f"step {len(states) - 1} shown after {delay:.0f} ms"
     assert await history(page, task_id) == [shown_as(state) for state in states]
     if transport == "sse":
         assert traffic.used(f"/api/tasks/{task_id}/events")
@@ -228,13 +233,6 @@ async def test_unknown_transport_falls_back_to_long_polling(
 
 
 # --- with tokens required: the streams carry the tab's token too -----------------------------
-
-SECRET = "transports-secret-" + "0123456789abcdef" * 2
-
-
-def token(*scopes: str) -> str:
-    claims = {"aud": "taskstatus", "exp": int(time.time()) + 300, "scope": " ".join(scopes)}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 @pytest.fixture(scope="module")
@@ -326,10 +324,7 @@ async def test_quiet_stream_stays_on_one_connection_over_many_heartbeats(
     await go_live(page, f"{quick_heartbeat.url}/?transport={transport}")
     # Ten heartbeats (SSE comments, or pongs to the page's pings): over three times the silence
     # after which the page would call the connection dead and open another.
-    deadline = time.monotonic() + 30
-    while len(arrivals) < 10:
-        assert time.monotonic() < deadline, arrivals
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: len(arrivals) >= 10, 30, lambda: f"ten heartbeats: {arrivals}")
     assert await connection_states(page) == ["connecting", "live"]
     if transport == "sse":
         assert sum(path.endswith("/api/events") for path in traffic.paths) == 1, traffic.paths

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -13,12 +14,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service.api import NewerThan
+from service.app import release_waiters
 from service.direct import encode_poll_answer
 from service.hub import ANSWER_BATCH, Change, Hub
 from service.model import Cursor, TaskState
 
-from .conftest import Client, ClientFactory, hub_of, put, wait_for_waiters
-from .test_hub import change
+from .conftest import Client, ClientFactory, change, hub_of, put, wait_for_waiters, wait_until
 
 ORIGIN = "https://board.example"
 
@@ -81,7 +82,7 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str
     head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
     status, *lines = head.rstrip("\r\n").split("\r\n")
     headers = [(name, value) for name, _, value in (line.partition(": ") for line in lines)]
-    length = int(dict(headers)["Content-Length"])
+    length = int(dict(headers).get("Content-Length", "0"))  # none on a 204
     return status, headers, await reader.readexactly(length)
 
 
@@ -283,6 +284,118 @@ async def test_a_change_nobody_waited_for_still_answers_the_polls_that_are_behin
     assert dict(headers)["ETag"] == '"2"'
     assert hub.direct_answers == 1
     behind[1].close()
+
+
+# --- races inside a fan-out larger than one batch ---------------------------------------------
+
+
+def leave_at_once(writer: asyncio.StreamWriter) -> None:
+    """The client closes its side now: the FIN is on its way before the loop runs again (the
+    asyncio transport would close the socket a turn of the loop later)."""
+    writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+
+
+def troubles(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Errors logged, and anything asyncio or aiohttp had to say (a write to a closed socket)."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno >= logging.ERROR or record.name.startswith(("asyncio", "aiohttp"))
+    ]
+
+
+async def answered_once_then_next_request(
+    client: Client, connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+) -> list[tuple[str, list[tuple[str, str]], bytes]]:
+    """Each connection's one answer, after which the next thing it carries is the answer to the
+    next request (a poll "since 3" is ahead of the store's version 1: answered at once, ETag 1),
+    not a second answer to the first."""
+    answers = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
+    for connection in connections:
+        await raw_poll(client, "t", 3, reader_writer=connection)
+    after = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
+    assert {(status, dict(headers)["ETag"]) for status, headers, _ in after} == {
+        ("HTTP/1.1 200 OK", '"1"')
+    }
+    return answers
+
+
+async def test_a_client_that_leaves_before_its_turn_in_a_fan_out_is_not_answered_nor_leaked(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four batches of polls; the clients of the last two close just before the change is
+    published. The loop reads their FINs after the second batch is written, so their answers are
+    due on connections already closing: the hub does not count them as answered (it hands the
+    change back to the waiter, whose handler is cancelled as its client left), every other
+    connection gets exactly one answer, and no waiter is left behind."""
+    client = await make_client()
+    await put(client, "t", status="in_progress")
+    connections = await held_polls(client, "t", 1, 4 * ANSWER_BATCH)
+    hub = hub_of(client)
+    staying, leaving = connections[: 2 * ANSWER_BATCH], connections[2 * ANSWER_BATCH :]
+    for _, writer in leaving:
+        leave_at_once(writer)
+    hub.publish(change("t", 2))  # the first batch is written in this call, the rest on later turns
+    await wait_for_waiters(client, 0, 10)
+    assert hub.direct_answers == len(staying), "an answer written to a closing connection"
+    await wait_until(lambda: not hub.busy, 5, "the fan-out to end")
+    answers = await answered_once_then_next_request(client, staying)
+    assert {dict(headers)["ETag"] for _, headers, _ in answers} == {'"2"'}
+    assert hub.waiting_total == 0
+    assert troubles(caplog) == []
+
+
+async def test_shutdown_during_a_fan_out_answers_every_poll_once_with_the_change_it_was_due(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM's release of the waiters (``release_waiters``) comes after the first batch of a
+    fan-out is written: the polls whose answers were still due take the change themselves and
+    answer it the ordinary way, instead of a 204; the hub writes none of them a second answer."""
+    client = await make_client()
+    await put(client, "t", status="in_progress")
+    connections = await held_polls(client, "t", 1, 4 * ANSWER_BATCH)
+    hub = hub_of(client)
+    hub.publish(change("t", 2))
+    assert hub.direct_answers == ANSWER_BATCH
+    await release_waiters(client.app)  # what on_shutdown does on SIGTERM
+    answers = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
+    assert Counter((status, dict(headers).get("ETag")) for status, headers, _ in answers) == {
+        ("HTTP/1.1 200 OK", '"2"'): len(connections)
+    }
+    assert ANSWER_BATCH <= hub.direct_answers < len(connections)  # the rest: the ordinary way
+    await wait_for_waiters(client, 0, 10)
+    await wait_until(lambda: not hub.busy, 5, "the fan-out to end")
+    for _, writer in connections:  # nothing more arrives on any of them (a second answer)
+        writer.write_eof()
+    rest = await asyncio.gather(*(asyncio.wait_for(reader.read(), 10) for reader, _ in connections))
+    assert set(rest) == {b""}
+    assert troubles(caplog) == []
+
+
+async def test_a_poll_that_is_behind_on_a_connection_already_closing_is_not_answered_directly(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client sends a poll that is behind and closes at once: the loop reads the request, then
+    the FIN (closing the connection), then runs the handler. ``answer_now`` must see the
+    connection closing and leave the poll to the ordinary path, which has nowhere to write."""
+    client = await make_client()
+    hub = hub_of(client)
+    await put(client, "t", status="in_progress")
+    await put(client, "t", status="completed")
+    await wait_until(lambda: (hub.latest("t") or change("t", 0)).state.version == 2, 5, "v2")
+    reader, writer = await open_raw(client)
+    writer.write(f"GET /api/tasks/t/poll?since=0 HTTP/1.1\r\nHost: {client.host}\r\n\r\n".encode())
+    writer.get_extra_info("socket").shutdown(socket.SHUT_WR)
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing written
+    assert hub.direct_answers == 0
+    await wait_for_waiters(client, 0)
+    await wait_until(lambda: not hub.busy, 5, "the fan-out to end")
+    # The connection was not queued to be read again: the hub's next answers are unaffected.
+    behind = await raw_poll(client, "t", 1)
+    _, headers, _ = await read_answer(behind[0])
+    assert dict(headers)["ETag"] == '"2"'
+    assert hub.direct_answers == 1
+    assert troubles(caplog) == []
 
 
 async def socket_pair() -> tuple[asyncio.StreamReader, asyncio.Transport]:

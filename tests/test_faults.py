@@ -29,6 +29,7 @@ import pytest
 
 from deploy.cluster import Cluster, Instance, running_cluster
 
+from .conftest import wait_until
 from .history import History, Seen, Write
 from .load import (
     MAX_HOLD,
@@ -38,7 +39,6 @@ from .load import (
     nginx_upstream_errors,
     probe_session,
     task_ids,
-    until,
     until_held,
     until_ready,
 )
@@ -68,7 +68,9 @@ async def test_instance_killed_under_1000_held_polls_and_50_writes_a_second_clie
         load.poll_tasks(tasks, per_task=10)
         await until_held(probe, cluster.instances, 1000)
         writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=400))
-        await until(lambda: len(load.history.acknowledged) >= 100, "100 writes", 10)
+        await wait_until(
+            lambda: len(load.history.acknowledged) >= 100, 10, "100 writes", interval=0.05
+        )
         held_there = await held_polls(probe, [doomed])
         killed_at = time.monotonic()
         await asyncio.to_thread(doomed.kill)
@@ -169,9 +171,11 @@ async def test_redis_killed_and_restarted_from_its_aof_keeps_every_acknowledged_
         await until_held(probe, cluster.instances, 200)
         writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=500))
         history = load.history
-        await until(lambda: len(history.acknowledged) >= 100, "100 writes", 10)
+        await wait_until(lambda: len(history.acknowledged) >= 100, 10, "100 writes", interval=0.05)
         await asyncio.to_thread(cluster.redis.kill)
-        await until(lambda: len(history.unacknowledged) >= 10, "refused writes", 10)
+        await wait_until(
+            lambda: len(history.unacknowledged) >= 10, 10, "refused writes", interval=0.05
+        )
         held_while_away = await held_polls(probe, cluster.instances)
         before = len(history.acknowledged)
         await asyncio.to_thread(cluster.redis.start)  # same port, same append-only file
@@ -206,7 +210,9 @@ async def test_nginx_reloaded_five_times_under_load_fails_no_request(
         for n in range(1, 6):
             # SIGHUP to the master, as `nginx -s reload`; returns once the new workers serve.
             await asyncio.to_thread(cluster.nginx.reload)
-            await until(partial(_written, history, 40 * n), "40 writes more", 10)
+            await wait_until(
+                partial(_written, history, 40 * n), 10, "40 writes more", interval=0.05
+            )
         writes_done.set()
         await writing
         final = await load.converge(probe, tasks)
@@ -237,7 +243,7 @@ async def test_subscription_killed_every_200ms_for_3s_during_writes_every_watche
         await until_held(probe, cluster.instances, 210)
         writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=250))
         history = load.history
-        await until(lambda: len(history.acknowledged) >= 25, "25 writes", 10)
+        await wait_until(lambda: len(history.acknowledged) >= 25, 10, "25 writes", interval=0.05)
         killed = 0
         for _ in range(15):  # the fault's schedule: a kill every 200 ms for 3 s
             out = await asyncio.to_thread(cluster.redis.command, "CLIENT", "KILL", "TYPE", "pubsub")

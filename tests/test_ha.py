@@ -22,13 +22,13 @@ import yaml
 
 from deploy.cluster import HA_REDIS_CONF, NGINX_CONF, REPO, HACluster, running_ha_cluster
 
+from .conftest import wait_until
 from .load import (
     errors_logged,
     load_on,
     probe_session,
     ready,
     task_ids,
-    until,
     until_held,
     until_ready,
 )
@@ -73,14 +73,17 @@ async def test_primary_killed_under_1000_held_polls_and_50_writes_a_second_loses
         await until_held(probe, ha.instances, 1000)
         writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=600))
         history = load.history
-        await until(lambda: len(history.acknowledged) >= 100, "100 writes", 10)
+        await wait_until(lambda: len(history.acknowledged) >= 100, 10, "100 writes", interval=0.05)
         killed_at = time.monotonic()
         await asyncio.to_thread(old.kill)
-        await until(lambda: failed_over(ha, old.port), "Sentinel to promote a replica", 20)
-        await until(
+        await wait_until(
+            lambda: failed_over(ha, old.port), 20, "Sentinel to promote a replica", interval=0.05
+        )
+        await wait_until(
             lambda: any(w.version and w.started > killed_at for w in history.writes),
-            "a write acknowledged by the new primary",
             FAILOVER_BOUND,
+            "a write acknowledged by the new primary",
+            interval=0.05,
         )
         first = min(w.ended for w in history.writes if w.version and w.started > killed_at)
         await until_ready(probe, ha.instances)
@@ -149,7 +152,7 @@ async def test_the_old_primary_restarted_rejoins_as_a_replica_and_the_cluster_ke
                 not_ready.add(app.name)
         return failed_over(ha, old.port)
 
-    await until(moved, "Sentinel to promote a replica", 20)
+    await wait_until(moved, 20, "Sentinel to promote a replica", interval=0.05)
     await until_ready(probe, ha.instances)
     assert not_ready == {app.name for app in ha.instances}
     new = ha.primary()
@@ -160,15 +163,18 @@ async def test_the_old_primary_restarted_rejoins_as_a_replica_and_the_cluster_ke
         figures = {(row["primary"], row["failovers"]) for row in rows}
         return len(rows) == 3 and figures == {(f"127.0.0.1:{new.port}", 1)}
 
-    await until(shown, "the dashboard to show the new primary and one failover", 10)
+    await wait_until(
+        shown, 10, "the dashboard to show the new primary and one failover", interval=0.05
+    )
     for app in ha.instances:
         async with probe.get(f"{app.url}/metrics") as response:
             assert "taskstatus_redis_failovers_total 1.0" in await response.text()
     await asyncio.to_thread(old.start)  # same port: Sentinel turns it into a replica
-    await until(
+    await wait_until(
         lambda: old.info("replication").get("role") == "slave",
-        "the old primary to rejoin as a replica",
         20,
+        "the old primary to rejoin as a replica",
+        interval=0.05,
     )
     assert new is not old and ha.primary() is new
     assert (await put(probe, url, "second")).status == 200
@@ -224,20 +230,25 @@ async def test_a_second_failover_right_after_the_first_is_followed_too(
     first = ha.redis
     assert (await put(probe, url, "on the first primary")).status == 200
     await asyncio.to_thread(first.kill)
-    await until(lambda: failed_over(ha, first.port), "the first failover", 20)
+    await wait_until(lambda: failed_over(ha, first.port), 20, "the first failover", interval=0.05)
     second = ha.primary()
     await asyncio.to_thread(first.start)  # back as a replica: the next primary needs one
-    await until(lambda: first.info("replication").get("role") == "slave", "a replica again", 20)
+    await wait_until(
+        lambda: first.info("replication").get("role") == "slave",
+        20,
+        "a replica again",
+        interval=0.05,
+    )
     await until_ready(probe, ha.instances)
     assert (await put(probe, url, "on the second primary")).status == 200
     await asyncio.to_thread(second.kill)
-    await until(lambda: failed_over(ha, second.port), "the second failover", 20)
+    await wait_until(lambda: failed_over(ha, second.port), 20, "the second failover", interval=0.05)
     assert ha.primary() is not second
 
     async def acknowledged() -> bool:
         return (await put(probe, url, "on the third primary")).status == 200
 
-    await until(acknowledged, "a write acknowledged on the third primary", 15)
+    await wait_until(acknowledged, 15, "a write acknowledged on the third primary", interval=0.05)
     async with probe.get(url) as response:
         state = await response.json()
     # A refused attempt may have been applied (a WAIT that timed out): 3 or more.

@@ -16,12 +16,9 @@ from redis.asyncio import Redis
 
 from deploy.cluster import RedisServer
 from service.app import create_app
-from service.auth import mint_token
 from service.config import Config, load_config
 
-from .conftest import INSTANCE_ID, Client, ClientFactory, put
-
-SECRET = "h" * 32
+from .conftest import INSTANCE_ID, SECRET, Client, ClientFactory, bearer, put, token
 
 
 async def history(client: Client, task: str, **headers: str) -> list[dict[str, Any]]:
@@ -98,23 +95,20 @@ async def test_history_names_the_subject_of_each_writers_token(
 ) -> None:
     client = await make_client(auth_secret=SECRET)
 
-    def bearer(subject: str | None, *scopes: str) -> dict[str, str]:
-        token = mint_token(
-            SECRET, "HS256", scopes=scopes, ttl=300, audience="taskstatus", subject=subject
-        )
-        return {"Authorization": f"Bearer {token}"}
+    def as_who(subject: str | None, *scopes: str) -> dict[str, str]:
+        return bearer(token(*scopes, subject=subject))
 
     written: list[dict[str, Any]] = []
     for subject in ("ci-runner", "alice", None):
         response = await client.put(
             "/api/tasks/audited",
             json={"progress": len(written)},
-            headers=bearer(subject, "tasks:write"),
+            headers=as_who(subject, "tasks:write"),
         )
         assert response.status == 200
         written.append(await response.json())
 
-    entries = await history(client, "audited", **bearer("reader", "tasks:read"))
+    entries = await history(client, "audited", **as_who("reader", "tasks:read"))
     assert [entry["subject"] for entry in entries] == [None, "alice", "ci-runner"]
     assert entries == [
         entry_of(state, subject)
@@ -123,7 +117,7 @@ async def test_history_names_the_subject_of_each_writers_token(
     # History is a read like any other: a token needs the read scope, and the task.
     assert (await client.get("/api/tasks/audited/history")).status == 401
     refused = await client.get(
-        "/api/tasks/audited/history", headers=bearer("ci-runner", "tasks:write")
+        "/api/tasks/audited/history", headers=as_who("ci-runner", "tasks:write")
     )
     assert refused.status == 403
 

@@ -5,14 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from service.hub import WATCH_KEY, Change, Hub
-from service.model import Cursor, TaskState
 
-from .conftest import wait_until
-
-
-def change(task: str, version: int, seq: int | None = None) -> Change:
-    state = TaskState(task=task, status="in_progress", version=version)
-    return Change(state, Cursor("e", version if seq is None else seq))
+from .conftest import change, wait_until
 
 
 async def test_publish_wakes_every_waiter_of_the_task_and_every_watch_with_one_change() -> None:

@@ -65,14 +65,14 @@ def delivered(samples: Samples, transport: str = "longpoll") -> float:
 
 async def until_scraped(client: Client, check: Any, what: str, timeout: float = 5.0) -> Samples:
     """Scrape until ``check(samples)`` holds; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = await scrape(client)
-        if check(samples):
-            return samples
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
+    scraped: list[Samples] = []
+
+    async def holds() -> bool:
+        scraped[:] = [await scrape(client)]
+        return bool(check(scraped[0]))
+
+    await wait_until(holds, timeout, what, interval=0.05)
+    return scraped[0]
 
 
 # --- polls --------------------------------------------------------------------------------------

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jsonschema_rs
-import jwt
 import pytest
 import schemathesis
 from aiohttp import ClientResponse, web
@@ -28,9 +26,16 @@ from service.keys import CONFIG
 from service.metrics import METRICS_PATH
 from service.openapi import OPENAPI_PATH, build_openapi
 
-from .conftest import INSTANCE_ID, Client, ClientFactory, wait_for_waiters
+from .conftest import (
+    INSTANCE_ID,
+    SECRET,
+    Client,
+    ClientFactory,
+    bearer,
+    token,
+    wait_for_waiters,
+)
 
-SECRET = "s" * 32
 ALLOWED_ORIGIN = "http://allowed.example"
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -286,15 +291,6 @@ async def test_answers_at_the_limits_conform(sampler_factory: SamplerFactory) ->
     await s.send("GET", watch, f"/api/watch?since={cursor}", 503)
     await s.send("PUT", "/api/tasks/{task_id}", "/api/tasks/one", 200, json={"progress": 2})
     await s.conformance.check(poll, "GET", await held)
-
-
-def token(*scopes: str) -> str:
-    claims = {"aud": "taskstatus", "exp": int(time.time()) + 300, "scope": " ".join(scopes)}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
-def bearer(value: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {value}"}
 
 
 async def test_answers_with_tokens_required_conform(sampler_factory: SamplerFactory) -> None:

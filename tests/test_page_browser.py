@@ -8,44 +8,35 @@ condition with a timeout, never a fixed sleep.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Route, expect
 
+from deploy.cluster import Instance
 from tests.browser import (
     WatchCount,
     browser_fixture,  # noqa: F401 (the `browser` fixture)
     go_live,
     is_snapshot,
     is_watch,
+    is_write,
     new_tab,
+    now_ms,
     open_board,
     put_task,
     screenshot,
+    sent_at,
+    shown_since,
+    shown_within,
     task,
 )
 
 INSTANCE_ID = "browser-test-1"
 # Short holds, so the page also goes through 204 answers and re-polls during a test.
 POLL_TIMEOUT = 3
-SERVER_START_DEADLINE = 15.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
@@ -56,53 +47,18 @@ class Server:
         return await put_task(self.url, task_id, **update)
 
 
-def _wait_until_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + SERVER_START_DEADLINE
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.05)  # polling a condition with a deadline, not waiting a fixed time
-    raise RuntimeError(f"server at {url} not healthy within {SERVER_START_DEADLINE} s")
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--instance-id",
-            INSTANCE_ID,
-            "--poll-timeout",
-            str(POLL_TIMEOUT),
-            "--shutdown-timeout",
-            "2",
-        ],
-        cwd=Path(__file__).resolve().parent.parent,
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    instance = Instance(
+        tmp_path_factory.mktemp("page"),
+        INSTANCE_ID,
+        extra_args=["--poll-timeout", str(POLL_TIMEOUT), "--shutdown-timeout", "2"],
     )
-    url = f"http://127.0.0.1:{port}"
+    instance.start()
     try:
-        _wait_until_healthy(url, process)
-        yield Server(url)
+        yield Server(instance.url)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        instance.stop()
 
 
 async def test_status_change_in_one_tab_shows_in_the_other_within_a_second(
@@ -113,9 +69,14 @@ async def test_status_change_in_one_tab_shows_in_the_other_within_a_second(
     other = await open_board(browser, server.url)
     await expect(task(other, "deploy-web", "status")).to_have_value("in_progress")
 
-    await task(one, "deploy-web", "status").select_option("completed")
+    async with one.expect_response(is_write):  # (its timing entry exists once it is done)
+        await task(one, "deploy-web", "status").select_option("completed")
 
-    await expect(task(other, "deploy-web", "status")).to_have_value("completed", timeout=1000)
+    await expect(task(other, "deploy-web", "status")).to_have_value("completed")
+    # Within a second, by the tabs' clocks: from the write one sent to the moment other showed it.
+    sent = await sent_at(one, "/api/tasks/deploy-web")
+    delay = await shown_since(other, "deploy-web", "completed") - sent
+    assert delay < 1000, f"shown after {delay:.0f} ms"
     await expect(task(other, "deploy-web")).to_have_attribute("data-status", "completed")
     await expect(task(one, "deploy-web", "status")).to_have_value("completed")
     await expect(task(one, "deploy-web", "error")).to_be_hidden()
@@ -306,9 +267,12 @@ async def test_task_page_follows_its_task(browser: Browser, server: Server) -> N
     page = await open_board(browser, server.url, "/tasks/single")
     await expect(task(page, "single", "progress")).to_have_attribute("aria-valuenow", "10")
 
-    await server.put("single", status="in_progress", progress=55, message="halfway")
+    asked = now_ms()
+    written = await server.put("single", status="in_progress", progress=55, message="halfway")
 
-    await expect(task(page, "single", "status")).to_have_value("in_progress", timeout=1000)
+    delay = await shown_within(page, "single", written, asked)
+    assert delay < 1000, f"shown {delay:.0f} ms after the write was sent"
+    await expect(task(page, "single", "status")).to_have_value("in_progress")
     await expect(task(page, "single", "message")).to_have_text("halfway")
     await expect(page.locator("[data-task]")).to_have_count(1)
     await screenshot(page, "task_page")

@@ -87,17 +87,13 @@ def live(
 
 @schema.parametrize()
 @settings(max_examples=40, deadline=None)
-def test_generated_requests_get_documented_answers_and_never_a_5xx(
+def test_generated_requests_get_documented_answers_and_never_a_5xx_nor_a_logged_error(
     case: Case[Any], live: Instance
 ) -> None:
+    """Each generated request gets a documented answer, and makes the instance log no error:
+    the error middleware logs every unhandled exception before its 500 (a failure names the
+    request that caused it, whatever ran before)."""
+    logged = len(live.log_text())
     case.call_and_validate(base_url=live.url)
-
-
-def test_fuzzed_instance_still_serves_and_logged_no_error(live: Instance) -> None:
-    """Runs after the fuzzing, on the same instance: it still answers, and nothing sent to it made
-    it log an error (the error middleware logs every unhandled exception before its 500)."""
-    with urllib.request.urlopen(live.url + "/readyz", timeout=5) as answer:
-        assert answer.status == 200
-    log = live.log_text()
-    assert " ERROR " not in log, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
+    new = live.log_text()[logged:]
+    assert " ERROR " not in new and "Traceback" not in new, new[-3000:]

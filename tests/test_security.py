@@ -21,22 +21,13 @@ import pytest
 from aiohttp import ClientResponse
 
 from deploy.cluster import Cluster, running_cluster
-from service.auth import mint_token
 from service.config import Config
 from service.ratelimit import WriteLimiter
 
-from .conftest import Client, ClientFactory, get_state
+from .conftest import SECRET, Client, ClientFactory, bearer, get_state, token
 
-SECRET = "security-test-secret-" + "0123456789abcdef" * 4
 ORIGIN = "https://board.example"
 JSON = {"Content-Type": "application/json"}
-
-
-def bearer(*scopes: str, subject: str | None = None) -> dict[str, str]:
-    raw = mint_token(
-        SECRET, "HS256", scopes=scopes, ttl=300, audience="taskstatus", subject=subject
-    )
-    return {"Authorization": f"Bearer {raw}"}
 
 
 # --- CORS -------------------------------------------------------------------------------------
@@ -163,13 +154,13 @@ async def test_a_limited_client_may_write_again_once_its_bucket_refills(
 async def test_each_token_subject_has_its_own_bucket(make_client: ClientFactory) -> None:
     client = await make_client(auth_secret=SECRET, write_rate_limit=0.1, write_rate_burst=2)
     alice_1, alice_2 = (
-        bearer("tasks:write", subject="alice"),
-        bearer("tasks:write", subject="alice"),
+        bearer(token("tasks:write", subject="alice")),
+        bearer(token("tasks:write", subject="alice")),
     )
     assert (await write(client, **alice_1)).status == 200
     assert (await write(client, **alice_2)).status == 200  # a second token of hers: same bucket
     await assert_rate_limited(await write(client, **alice_1), retry_after=10)
-    assert (await write(client, **bearer("tasks:write", subject="bob"))).status == 200
+    assert (await write(client, **bearer(token("tasks:write", subject="bob")))).status == 200
     # Refused before the limiter: a request without a valid token spends nobody's writes.
     for _ in range(5):
         assert (await write(client)).status == 401
@@ -553,7 +544,7 @@ async def test_every_answer_is_nosniff_and_nothing_but_a_page_may_run_or_be_fram
 
 async def test_refusals_of_auth_and_rate_limit_are_nosniff_too(make_client: ClientFactory) -> None:
     client = await make_client(auth_secret=SECRET, write_rate_limit=0.1, write_rate_burst=1)
-    headers = bearer("tasks:write", subject="s")
+    headers = bearer(token("tasks:write", subject="s"))
     responses = [await client.get("/api/tasks/x")]
     responses += [await write(client, **headers) for _ in range(2)]
     assert [r.status for r in responses] == [401, 200, 429]

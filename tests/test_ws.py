@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import pytest
 from pytest_aiohttp import AiohttpClient
 
@@ -29,16 +28,19 @@ from service.ws import MAX_SUBSCRIPTIONS
 
 from .conftest import (
     INSTANCE_ID,
+    SECRET,
     Client,
     ClientFactory,
+    bearer,
     exits_cleanly,
     hub_of,
+    metric,
     put,
     stop_redis,
+    token,
     wait_for_waiters,
     wait_until,
 )
-from .test_sse import metric
 
 RECEIVE_DEADLINE = 5.0
 Socket = aiohttp.ClientWebSocketResponse
@@ -436,25 +438,16 @@ async def test_a_client_that_answers_pings_stays_connected(make_client: ClientFa
 
 # --- auth: the socket needs tasks:read; each subscription stays within the token's tasks ----
 
-SECRET = "ws-secret-" + "0123456789abcdef" * 3
-
-
-def token(*, tasks: list[str] | None = None, scope: str = "tasks:read") -> dict[str, str]:
-    claims: dict[str, Any] = {"aud": "taskstatus", "exp": int(time.time()) + 300, "scope": scope}
-    if tasks is not None:
-        claims["tasks"] = tasks
-    return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
-
 
 async def test_socket_needs_a_read_token_and_subscriptions_stay_within_its_tasks(
     make_client: ClientFactory,
 ) -> None:
     client = await make_client(auth_secret=SECRET)
-    for headers, status in (({}, 401), (token(scope="tasks:write"), 403)):
+    for headers, status in (({}, 401), (bearer(token("tasks:write")), 403)):
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await client.ws_connect("/api/ws", headers=headers)
         assert refused.value.status == status
-    async with socket(client, token(tasks=["job-*"])) as ws:
+    async with socket(client, bearer(token(tasks=["job-*"]))) as ws:
         for body in ({"task": "other"}, {"board": True}, {"board": True, "tasks": ["job-1", "x"]}):
             await send(ws, {"subscribe": body})
             error = await receive(ws)
@@ -465,16 +458,11 @@ async def test_socket_needs_a_read_token_and_subscriptions_stay_within_its_tasks
         assert snapshot["board"]["reset"] is True
 
 
-def raw_token(**claims: Any) -> str:
-    base = {"aud": "taskstatus", "exp": int(time.time()) + 300, "scope": "tasks:read"}
-    return jwt.encode({**base, **claims}, SECRET, algorithm="HS256")
-
-
 async def test_browser_offers_its_token_as_a_subprotocol_and_gets_taskstatus_back(
     make_client: ClientFactory,
 ) -> None:
     client = await make_client(auth_secret=SECRET)
-    offered = ("taskstatus", f"bearer.{raw_token(tasks=['job-*'])}")
+    offered = ("taskstatus", f"bearer.{token(tasks=['job-*'])}")
     async with socket(client, protocols=offered) as ws:
         assert ws.protocol == "taskstatus"
         assert (await subscribe(ws, task="job-1"))[-1] == {"subscribed": {"task": "job-1"}}
@@ -483,23 +471,24 @@ async def test_browser_offers_its_token_as_a_subprotocol_and_gets_taskstatus_bac
     for protocols, status in (
         (("taskstatus",), 401),
         (("taskstatus", "bearer.not-a-jwt"), 401),
-        (("taskstatus", f"bearer.{raw_token(scope='tasks:write')}"), 403),
+        (("taskstatus", f"bearer.{token('tasks:write')}"), 403),
     ):
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await client.ws_connect("/api/ws", protocols=protocols)
         assert refused.value.status == status
     # Only a WebSocket handshake takes its token from there.
-    headers = {"Sec-WebSocket-Protocol": f"taskstatus, bearer.{raw_token()}"}
+    headers = {"Sec-WebSocket-Protocol": f"taskstatus, bearer.{token()}"}
     assert (await client.get("/api/tasks/job-1", headers=headers)).status == 401
 
 
 async def test_socket_closes_with_1008_when_its_token_expires(make_client: ClientFactory) -> None:
     client = await make_client(auth_secret=SECRET)
-    # Expired 9 s ago: still accepted for the 10 s of leeway, so valid for about a second more.
-    expiring = {"Authorization": f"Bearer {raw_token(exp=int(time.time()) - 9)}"}
+    # Accepted for 2 to 3 s more (whatever the fraction of the current second): time enough to
+    # subscribe on a busy machine, and the socket must close by itself soon after.
+    expiring = bearer(token(valid_for=2))
     async with socket(client, expiring) as ws:
         await subscribe(ws, task="t", version=0)
-        closing = await ws.receive(timeout=RECEIVE_DEADLINE)
+        closing = await ws.receive(timeout=3 + RECEIVE_DEADLINE)
         assert closing.type is aiohttp.WSMsgType.CLOSE
         assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
         assert closing.extra == "token expired"

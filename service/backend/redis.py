@@ -318,16 +318,29 @@ class RedisBackend(Backend):
                         await pubsub.aclose()
 
     async def _deliver_messages(self, pubsub: PubSub) -> None:
-        last_ping = time.monotonic()
+        """Deliver the changes as they come; after ``HEALTH_CHECK_INTERVAL`` of silence, PING.
+
+        A connection that is half-open, or whose Redis hangs, is silent, not failed: sending the
+        PING succeeds all the same (it only fills a socket buffer), and redis-py does not wait for
+        the answer in pub/sub mode. So the answer, a "pong" message, must come within
+        ``SOCKET_TIMEOUT``, or the subscription counts as lost (reconnect, resync).
+        """
+        heard = time.monotonic()  # anything from Redis shows the connection alive
+        pinged: float | None = None  # when the PING still unanswered was sent
         while not self._closing:
             # A bounded wait, not a spin: returns None after a second of silence.
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None and message["type"] == "message":
-                self._publish(parse_change(message["data"]))
-            elif time.monotonic() - last_ping > HEALTH_CHECK_INTERVAL:
-                # A half-open connection shows up as a failed PING, not as silence.
+            now = time.monotonic()
+            if message is not None:
+                heard, pinged = now, None
+                if message["type"] == "message":
+                    self._publish(parse_change(message["data"]))
+            elif pinged is not None:
+                if now - pinged > SOCKET_TIMEOUT:
+                    raise RedisTimeoutError(f"no answer to a PING in {now - pinged:.1f} s")
+            elif now - heard > HEALTH_CHECK_INTERVAL:
                 await pubsub.ping()
-                last_ping = time.monotonic()
+                pinged = time.monotonic()
 
     def _publish(self, change: Change) -> None:
         if change.cursor.epoch != self._known_epoch:  # a new data set: what we knew is void
