@@ -257,3 +257,54 @@ async def test_a_second_failover_right_after_the_first_is_followed_too(
         async with probe.get(f"{app.url}/metrics") as response:
             assert "taskstatus_redis_failovers_total 2.0" in await response.text()
     assert errors_logged(ha) == []
+
+
+async def test_writes_no_replica_holds_are_shown_to_no_one_and_a_failover_takes_back_nothing_shown(
+    ha: HACluster, probe: aiohttp.ClientSession
+) -> None:
+    """The replicas frozen (SIGSTOP): writes are answered 503 not_replicated and no watcher is
+    shown them (they are published only once replicated, and reads wait for the replicas too).
+    Then the primary dies with those writes, a replica is promoted: every state any client was
+    shown is in the new primary's history, with the same content."""
+    tasks = task_ids(10)
+    async with load_on(ha) as load:
+        load.poll_tasks(tasks, per_task=5)
+        await until_held(probe, ha.instances, 50)
+        writing = asyncio.create_task(load.write_steadily(tasks, rate=50, limit=400))
+        history = load.history
+        await wait_until(lambda: len(history.acknowledged) >= 50, 10, "50 writes", interval=0.05)
+        for replica in ha.replicas:
+            replica.send(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        await wait_until(
+            lambda: sum(w.outcome == "503" for w in history.writes if w.started > frozen_at) >= 10,
+            15,
+            "10 writes refused while the replicas are frozen",
+            interval=0.05,
+        )
+        killed_at = time.monotonic()
+        await asyncio.to_thread(ha.redis.kill)
+        for replica in ha.replicas:
+            replica.send(signal.SIGCONT)
+        await wait_until(lambda: failed_over(ha, ha.redis.port), 30, "a failover", interval=0.05)
+        await until_ready(probe, ha.instances)
+        await writing
+        final = await load.converge(probe, tasks)
+    history.check(final)
+    # Refused while the replicas were frozen. They may survive even so (the kernel holds what
+    # the primary sent a stopped replica, which reads it once it runs again), but until the
+    # failover no client may be shown one.
+    refused = {w.message for w in history.writes if frozen_at < w.started and w.ended < killed_at}
+    assert len(refused) >= 10
+    assert {w.outcome for w in history.writes if w.message in refused} == {"503"}
+    kept: dict[tuple[str, int], str | None] = {}
+    for task in tasks:
+        async with probe.get(f"{ha.url}/api/tasks/{task}/history") as response:
+            for entry in (await response.json())["history"]:
+                kept[task, entry["version"]] = entry["message"]
+    shown = {(s.task, s.version): s.message for s in history.seen if s.version > 0}
+    missing = {k: v for k, v in shown.items() if kept.get(k, "(none)") != v}
+    assert not missing, f"clients were shown states the new primary lacks: {missing}"
+    early = [s for s in history.seen if s.at < killed_at and s.message in refused]
+    assert not early, f"shown before any replica had them: {early[:5]}"
+    assert errors_logged(ha) == []

@@ -30,13 +30,13 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.client import PubSub
+from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -153,6 +153,7 @@ class RedisBackend(Backend):
         self._seq_key = f"{prefix}seq"
         self._epoch_key = f"{prefix}epoch"
         self._instances_key = f"{prefix}instances"
+        self._barrier_key = f"{prefix}barrier"  # written by read barriers (_confirm_reads)
         self._follower = PrimaryFollower(sentinel, self._switch_primary) if sentinel else None
         self._following: asyncio.Task[None] | None = None
         # With Sentinel, known once a Sentinel names the primary (the reader asks first thing).
@@ -387,6 +388,7 @@ class RedisBackend(Backend):
             if newest_id not in task_ids:
                 task_ids.append(newest_id)
                 entries.append(await self._redis.hmget(self._task_key(newest_id), "state", "seq"))
+        await self._confirm_reads()
         cursor_epoch = epoch.decode()
         for state_json, seq in entries:
             if state_json is not None:
@@ -441,6 +443,7 @@ class RedisBackend(Backend):
     async def get(self, task_id: str) -> TaskState:
         generation = self._generation
         raw = await self._call(self._redis.hget(self._task_key(task_id), "state"))
+        await self._call(self._confirm_reads())
         if raw is None:
             return initial_state(task_id, self.statuses)
         state = TaskState.from_dict(json.loads(raw))
@@ -463,7 +466,7 @@ class RedisBackend(Backend):
             self.statuses[0],
             expected,
             _new_epoch(),
-            self._channel,
+            "" if self.min_replicas else self._channel,  # published once replicated
             *_field_args(update.status),
             *_field_args(update.progress),
             *_field_args(update.message),
@@ -482,13 +485,14 @@ class RedisBackend(Backend):
             raise VersionConflict(TaskState.from_dict(json.loads(rest[0])))
         if outcome == b"task_limit":
             raise TaskLimitReached
-        previous_status, state_json = rest
+        previous_status, state_json, _message = rest
         state = TaskState.from_dict(json.loads(state_json))
         previous = TaskState(task_id, previous_status.decode(), version=state.version - 1)
         return WriteResult(previous=previous, state=state)
 
     async def _replicated_write(self, keys: list[str], args: list[str]) -> Any:
-        """The write script's reply, once ``min_replicas`` replicas have the write.
+        """The write script's reply, once ``min_replicas`` replicas have the write; only then
+        is it published (the script leaves that to us when ``min_replicas`` is set).
 
         The script and ``WAIT`` go in one pipeline, so over one connection: ``WAIT`` counts the
         replication of the writes its own connection made. A refused write (a conflict, the task
@@ -496,8 +500,22 @@ class RedisBackend(Backend):
         primary = self._current()
         if not self.min_replicas:
             return await primary.write(keys=keys, args=args)
+        try:
+            reply = await self._replicated(primary, lambda pipe: primary.write(keys, args, pipe))
+        except NotReplicated:
+            self.not_replicated += 1
+            raise
+        if reply[0] == b"ok":
+            await self._announce(primary, [reply[-1]])
+        return reply
+
+    async def _replicated(
+        self, primary: _Primary, queue: Callable[[Pipeline], Awaitable[Any]]
+    ) -> Any:
+        """Run what ``queue`` puts in a pipeline, then ``WAIT`` for ``min_replicas`` on the same
+        connection; the first reply, or NotReplicated when too few replicas confirm in time."""
         async with primary.redis.pipeline(transaction=False) as pipe:
-            await primary.write(keys=keys, args=args, client=pipe)
+            await queue(pipe)
             pipe.execute_command("WAIT", self.min_replicas, self.replication_timeout_ms)
             # Errors as values: raised as they are, so _call sees Redis's own reply (NOREPLICAS),
             # not a message about the pipeline around it.
@@ -505,16 +523,53 @@ class RedisBackend(Backend):
         for result in (reply, replicas):
             if isinstance(result, Exception):
                 raise result
-        if reply[0] == b"ok" and replicas < self.min_replicas:
-            self.not_replicated += 1
+        if replicas < self.min_replicas:
             raise NotReplicated(f"{replicas} of {self.min_replicas} replicas in time")
         return reply
+
+    async def _announce(self, primary: _Primary, messages: list[bytes]) -> None:
+        """Publish changes that the replicas now hold. Best effort: the write is acknowledged
+        whatever happens here, and an instance that misses the message reads the change at its
+        next resync, or when a poll's hold ends and it asks again."""
+        try:
+            async with primary.redis.pipeline(transaction=False) as pipe:
+                for message in messages:
+                    pipe.publish(self._channel, message)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.errors += 1
+            log.warning("a replicated change was not published (%s)", exc)
+
+    async def _confirm_reads(self) -> None:
+        """Return once ``min_replicas`` replicas hold everything read so far: a barrier (a write
+        after the reads, and ``WAIT`` on its connection, which covers every write before it).
+
+        A write is in the primary before any replica has it; a read must not show it until they
+        do, or a failover could take back what a client was shown (a write answered 503
+        ``not_replicated`` stays in the primary until replicas catch up or a failover drops it).
+        """
+        if not self.min_replicas:
+            return
+
+        async def barrier(pipe: Pipeline) -> None:
+            pipe.incr(self._barrier_key)
+
+        try:
+            await self._replicated(self._current(), barrier)
+        except NotReplicated as exc:  # a 503 like any other unavailable read
+            raise BackendUnavailable(f"no replica confirmed the read in time ({exc})") from exc
+        except ResponseError as exc:
+            if _not_primary(exc):
+                self._suspect_primary(exc)
+                raise BackendUnavailable(f"no replica to confirm the read ({exc})") from exc
+            raise
 
     async def history(self, task_id: str) -> list[HistoryEntry]:
         if not self.history_length:
             return []
         key = self._history_key(task_id)
         entries = await self._call(self._redis.lrange(key, 0, self.history_length - 1))
+        await self._call(self._confirm_reads())
         return [HistoryEntry.from_dict(json.loads(raw)) for raw in entries]
 
     async def changes_since(self, since: Cursor | None, only: frozenset[str] | None) -> WatchBatch:
@@ -526,6 +581,7 @@ class RedisBackend(Backend):
         ]
         keys = [self._index_key, self._seq_key, self._epoch_key]
         epoch, seq, reset, *states = await self._call(self._current().changes(keys=keys, args=args))
+        await self._call(self._confirm_reads())
         tasks = [TaskState.from_dict(json.loads(raw)) for raw in states]
         if only is not None:
             tasks = [state for state in tasks if state.task in only]

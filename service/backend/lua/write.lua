@@ -6,11 +6,12 @@
 -- KEYS[1] task hash   KEYS[2] change index (zset: task id -> seq of its last change)
 -- KEYS[3] global change counter   KEYS[4] epoch   KEYS[5] task history (list, newest first)
 -- ARGV[1] task id   ARGV[2] initial status   ARGV[3] expected version ('' = any)
--- ARGV[4] epoch to use if none is set   ARGV[5] channel
+-- ARGV[4] epoch to use if none is set   ARGV[5] channel ('' = publish nothing: the caller
+-- publishes the returned message once replicas have the write)
 -- ARGV[6..11] (mode, value) for status, progress, message; mode is keep | set | null
 -- ARGV[12] the most tasks the store may hold
 -- ARGV[13] history entries kept per task (0: none)   ARGV[14] who writes (token subject, '' = none)
--- Returns {'ok', previous status, new state JSON}, {'conflict', current state JSON} or
+-- Returns {'ok', previous status, new state JSON, message}, {'conflict', current state JSON} or
 -- {'task_limit'} (the write would create a task beyond ARGV[12]).
 
 -- 2026-11-26T03:20:25.029Z from Redis' own clock, so every instance stamps alike.
@@ -82,6 +83,8 @@ if keep > 0 then
     message = state.message, updated_at = state.updated_at, subject = subject}))
   redis.call('LTRIM', KEYS[5], 0, keep - 1)
 end
-redis.call('PUBLISH', ARGV[5],
-  '{"epoch":"' .. epoch .. '","seq":' .. seq .. ',"state":' .. encoded .. '}')
-return {'ok', previous_status, encoded}
+local message = '{"epoch":"' .. epoch .. '","seq":' .. seq .. ',"state":' .. encoded .. '}'
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], message)
+end
+return {'ok', previous_status, encoded, message}
