@@ -48,6 +48,7 @@ class Config:
     # The default keeps those of completed, failed, cancelled that are configured statuses.
     terminal_statuses: tuple[str, ...] = DEFAULT_TERMINAL_STATUSES
     tombstone_ttl: int = 3600
+    sweep_interval: float = 1.0  # seconds between this instance's retention sweeps; 0: none
     stats_interval: float = 1.0  # seconds between this instance's dashboard records; 0: none
     event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
     body_read_timeout: float = 10.0  # seconds for a write's whole body to arrive, else 408
@@ -103,6 +104,8 @@ class Config:
         # POLL_TIMEOUT_MAX later, and once more after an error.
         if self.tombstone_ttl < 2 * self.poll_timeout_max:
             raise ValueError("TOMBSTONE_TTL must be at least twice POLL_TIMEOUT_MAX")
+        if self.sweep_interval != 0 and not 0.01 <= self.sweep_interval <= 60:
+            raise ValueError("SWEEP_INTERVAL must be 0 or between 0.01 and 60 seconds")
 
     def _check_security_settings(self) -> None:
         if self.auth_secret and self.auth_public_key_file:
@@ -261,6 +264,13 @@ def _add_lifecycle_arguments(
         default=env.get("TOMBSTONE_TTL", str(d.tombstone_ttl)),
         help="seconds a deleted task's tombstone is kept (default 3600; at least twice "
         "POLL_TIMEOUT_MAX), then the task reads as never written",
+    )
+    parser.add_argument(
+        "--sweep-interval",
+        type=float,
+        default=env.get("SWEEP_INTERVAL", str(d.sweep_interval)),
+        help="seconds between this instance's retention sweeps (default 1); 0: it sweeps "
+        "nothing, other instances do",
     )
 
 

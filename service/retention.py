@@ -4,8 +4,9 @@ Finished tasks (a status of ``TERMINAL_STATUSES``) that nobody wrote for ``FINIS
 seconds are deleted as if through ``DELETE`` (a tombstone every watcher sees), and tombstones older
 than ``TOMBSTONE_TTL`` are purged. The store keeps the due time of each (``Backend.sweep``): a sweep
 reads only what is due, never the whole keyspace, and no instance keeps a timer per task. Every
-instance sweeps, each ``SWEEP_INTERVAL``; a batch is one atomic step in the store, so sweeps of
-several instances at once each take different tasks, and a task goes once.
+instance sweeps, each ``SWEEP_INTERVAL`` seconds (config; 0: this one does not); a batch is one
+atomic step in the store, so sweeps of several instances at once each take different tasks, and a
+task goes once.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from aiohttp import web
 
 from .backend import Backend
 from .errors import BackendUnavailable
-from .keys import BACKEND
+from .keys import BACKEND, CONFIG
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL: Final = 1.0  # seconds between sweeps when nothing more is due
 # Tasks per batch (one Lua script on Redis, which runs nothing else meanwhile); between batches
 # the instance and Redis serve everything else. Measured with `python -m deploy.soak --expire`:
 # see docs/lifecycle.md for the cost per task and the write p99 during a sweep.
@@ -65,10 +65,12 @@ async def run_sweeps(backend: Backend, stop: asyncio.Event, interval: float) -> 
 
 async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
     """Sweep from startup (after the backend started) to cleanup; a sweep under way finishes."""
+    interval = app[CONFIG].sweep_interval
+    if not interval:
+        yield
+        return
     stop = asyncio.Event()
-    task = asyncio.create_task(
-        run_sweeps(app[BACKEND], stop, SWEEP_INTERVAL), name="retention-sweep"
-    )
+    task = asyncio.create_task(run_sweeps(app[BACKEND], stop, interval), name="retention-sweep")
     yield
     stop.set()
     await task
