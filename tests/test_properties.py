@@ -491,16 +491,14 @@ class TaskLife(RuleBasedStateMachine):
     deleted task reads as its tombstone and is not listed; a write after it starts from a fresh
     state at the tombstone's version + 1; refused requests change nothing."""
 
-    def __init__(self, live: Http) -> None:
+    server: Http  # set by the test: the live instance of its backend
+
+    def __init__(self) -> None:
         super().__init__()
-        self.live = live
+        self.live = self.server
         run = uuid.uuid4().hex[:8]
         self.ids = [f"life-{run}-{n}" for n in range(3)]
-        self.model: dict[str, dict[str, Any]] = {
-            task: {**initial, "task": task}
-            for task in self.ids
-            for initial in [TaskState(task, DEFAULT_STATUSES[0]).to_dict()]
-        }
+        self.model = {task: TaskState(task, DEFAULT_STATUSES[0]).to_dict() for task in self.ids}
 
     def _exists(self, task: str) -> bool:
         state = self.model[task]
@@ -529,7 +527,9 @@ class TaskLife(RuleBasedStateMachine):
         assert status == 200, answer
         state = json.loads(answer)
         base = current if self._exists(task) else TaskState(task, DEFAULT_STATUSES[0]).to_dict()
-        fields = {name: body[name] for name in ("status", "progress", "message") if name in body}
+        fields: dict[str, Any] = {
+            name: body[name] for name in ("status", "progress", "message") if name in body
+        }
         assert state == {
             **base,
             **fields,
@@ -573,6 +573,7 @@ class TaskLife(RuleBasedStateMachine):
 
 
 def test_writes_deletes_and_recreations_follow_the_model(live: Http) -> None:
+    TaskLife.server = live
     run_state_machine_as_test(
-        lambda: TaskLife(live), settings=settings(BASE, max_examples=15, stateful_step_count=15)
+        TaskLife, settings=settings(BASE, max_examples=15, stateful_step_count=15)
     )
