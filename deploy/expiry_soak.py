@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import statistics
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ from service.model import DEFAULT_STATUSES, TaskUpdate
 from service.retention import SWEEP_BATCH
 
 from .cluster import Cluster, running_cluster
-from .soak import HOLD, Soak, mib, rss_kib
+from .soak import HOLD, Soak, mib, outcome, rss_kib, workdir
 
 PER_TASK = 10  # held polls per long-lived task
 CONCURRENCY = 32  # bulk writes in flight
@@ -293,16 +292,11 @@ def main() -> None:
         "--finished-task-ttl", str(args.ttl), "--tombstone-ttl", "10",
         "--poll-timeout-max", "5", "--poll-timeout", "5",
     ]  # fmt: skip
-    with contextlib.ExitStack() as stack:
-        folder = args.workdir or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="taskstatus-expiry-"))
-        )
-        cluster = stack.enter_context(running_cluster(folder, instance_args=instance_args))
-        try:
-            ok = asyncio.run(run(cluster, args))
-        except TimeoutError as exc:
-            print(f"expiry soak: {exc}")
-            ok = False
+    with (
+        workdir(args.workdir) as folder,
+        running_cluster(folder, instance_args=instance_args) as cluster,
+    ):
+        ok = outcome("expiry soak", run(cluster, args))
     print("expiry soak passed" if ok else "expiry soak FAILED")
     raise SystemExit(0 if ok else 1)
 

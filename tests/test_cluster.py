@@ -79,6 +79,22 @@ async def poll(
         return response.status, body, response.headers["X-Served-By"]
 
 
+async def follow(
+    http: aiohttp.ClientSession, instance: Instance, task: str, *, until_version: int
+) -> list[JSON]:
+    """Poll ``task`` on ``instance`` as a page does, from version 0 until ``until_version``;
+    every state answered, in order."""
+    seen: list[JSON] = []
+    version = 0
+    while version < until_version:
+        code, state, _ = await poll(http, instance.url, task, since=version)
+        if code == 200:
+            assert state is not None
+            version = state["version"]
+            seen.append(state)
+    return seen
+
+
 async def waiting_polls(http: aiohttp.ClientSession, instance: Instance) -> int:
     async with http.get(f"{instance.url}/healthz") as response:
         count: int = (await response.json())["waiting"]["polls"]
@@ -147,18 +163,10 @@ async def test_twenty_writers_on_different_instances_get_gapless_versions_and_po
     cluster: Cluster, http: aiohttp.ClientSession
 ) -> None:
     task, writers = "gapless-20", 20
-
-    async def follow(instance: Instance) -> list[int]:
-        seen, version = [], 0
-        while version < writers:
-            code, state, _ = await poll(http, instance.url, task, since=version)
-            if code == 200:
-                assert state is not None
-                version = state["version"]
-                seen.append(version)
-        return seen
-
-    followers = [asyncio.create_task(follow(app)) for app in cluster.instances]
+    followers = [
+        asyncio.create_task(follow(http, app, task, until_version=writers))
+        for app in cluster.instances
+    ]
     results = await asyncio.gather(
         *(
             put(http, cluster.instances[n % 3].url, task, {"status": "in_progress", "progress": n})
@@ -167,7 +175,8 @@ async def test_twenty_writers_on_different_instances_get_gapless_versions_and_po
     )
     versions = sorted(body["version"] for code, body in results if code == 200)
     assert versions == list(range(1, writers + 1))
-    for seen in await asyncio.wait_for(asyncio.gather(*followers), 20):
+    for states in await asyncio.wait_for(asyncio.gather(*followers), 20):
+        seen = [state["version"] for state in states]
         assert seen == sorted(set(seen)), "a follower saw versions out of order"
         assert seen[-1] == writers
 
@@ -390,19 +399,10 @@ async def test_delete_then_recreate_versions_strictly_increase_on_every_instance
     cluster: Cluster, http: aiohttp.ClientSession
 ) -> None:
     task, last = "reborn-x", 5  # written, deleted, written, deleted, written
-
-    async def follow(instance: Instance) -> list[JSON]:
-        seen: list[JSON] = []
-        version = 0
-        while version < last:
-            code, state, _ = await poll(http, instance.url, task, since=version)
-            if code == 200:
-                assert state is not None
-                version = state["version"]
-                seen.append(state)
-        return seen
-
-    followers = [asyncio.create_task(follow(app)) for app in cluster.instances]
+    followers = [
+        asyncio.create_task(follow(http, app, task, until_version=last))
+        for app in cluster.instances
+    ]
     await until(lambda: _held(http, cluster.instances[2], "polls"), "the followers held")
     first, second, third = cluster.instances
     assert (await put(http, first.url, task, {"status": "completed"}))[1]["version"] == 1
