@@ -291,6 +291,7 @@ def main() -> None:
     instance_args = [
         "--finished-task-ttl", str(args.ttl), "--tombstone-ttl", "10",
         "--poll-timeout-max", "5", "--poll-timeout", "5",
+        "--max-tasks", str(args.tasks + args.waiters),  # room for the held polls' tasks too
     ]  # fmt: skip
     with (
         workdir(args.workdir) as folder,

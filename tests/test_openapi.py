@@ -316,6 +316,10 @@ async def test_answers_with_tokens_required_conform(sampler_factory: SamplerFact
     await s.send("PUT", task, "/api/tasks/a", 403, json={"progress": 1}, headers=read_only)
     writer = bearer(token("tasks:write"))
     await s.send("PUT", task, "/api/tasks/a", 200, json={"progress": 1}, headers=writer)
+    await s.send("DELETE", task, "/api/tasks/a", 401)
+    await s.send("DELETE", task, "/api/tasks/a", 403, headers=read_only)  # reading is not deleting
+    await s.send("GET", task, "/api/tasks/a", 200, headers=read_only)  # still there
+    await s.send("DELETE", task, "/api/tasks/a", 200, headers=writer)
     await s.send("GET", OPENAPI_PATH, OPENAPI_PATH, 200)
 
 
