@@ -47,13 +47,14 @@ CONCURRENCY = 32  # bulk writes in flight
 DEADLINE = 1800.0  # seconds: no phase runs longer
 
 
-def used_memory(cluster: Cluster) -> int:
-    """Redis' used_memory, in bytes."""
-    info = cluster.redis.command("INFO", "memory").decode()
-    for line in info.splitlines():
-        if line.startswith("used_memory:"):
-            return int(line.split(":")[1])
-    raise RuntimeError("no used_memory in INFO")
+def redis_memory(cluster: Cluster) -> tuple[int, int]:
+    """Redis' used_memory and used_memory_dataset (its keys' share), in bytes."""
+    info = dict(
+        line.split(":", 1)
+        for line in cluster.redis.command("INFO", "memory").decode().splitlines()
+        if ":" in line
+    )
+    return int(info["used_memory"]), int(info["used_memory_dataset"])
 
 
 def quantiles(latencies: list[float]) -> str:
@@ -71,10 +72,13 @@ class Meter:
         self.phase = "idle"
         self.latencies: dict[str, list[float]] = {}
         self.redis: list[int] = []
+        self.dataset: list[int] = []
         self.rss: dict[str, list[int]] = {app.name: [] for app in cluster.instances}
 
     def sample(self) -> None:
-        self.redis.append(used_memory(self.cluster))
+        used, dataset = redis_memory(self.cluster)
+        self.redis.append(used)
+        self.dataset.append(dataset)
         for app in self.cluster.instances:
             self.rss[app.name].append(rss_kib(app))
 
@@ -202,6 +206,9 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
             return sum(await soak.waiting()) >= waiters
 
         await until(f"{args.waiters} polls held", all_held, 60)
+        # Warm up first: the instances' connection pools to Redis grow to what bulk writes need
+        # (each connection a few KiB of buffers in Redis), and the processes' own buffers too.
+        failed, _ = await bulk(writer, cluster.url, held * 30, "in_progress")
         await asyncio.to_thread(meter.sample)
         start_redis, start_rss = meter.redis[-1], {n: v[-1] for n, v in meter.rss.items()}
         print(
@@ -212,7 +219,8 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
         probing_task = asyncio.create_task(meter.probe(writer, held, args.probe_rate, stop))
         await asyncio.sleep(10)  # the idle window of the probe
         meter.phase = "creating"
-        failed, took = await bulk(writer, cluster.url, ids, "in_progress")
+        failed_, took = await bulk(writer, cluster.url, ids, "in_progress")
+        failed += failed_
         print(f"created {args.tasks} tasks in {took:.1f} s ({failed} failed)", flush=True)
         meter.phase = "finishing"
         failed2, took = await bulk(writer, cluster.url, ids, "completed")
@@ -240,7 +248,9 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
 
         await until("every tombstone purged", purged, DEADLINE)
         meter.phase = "after"
-        await asyncio.sleep(5)  # the probe's last window; memory settles on its sampling
+        # Two of the instances' scheduled collections (every 10 s), after which they give free
+        # memory back (runtime.py); the probe's last window.
+        await asyncio.sleep(25)
         stop.set()
         await asyncio.gather(sampling, probing_task)
         await asyncio.to_thread(meter.sample)
@@ -249,6 +259,7 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
             client.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
 
+    start_dataset = meter.dataset[0]
     ok = not failed and not failed2 and not soak.errors and not soak.out_of_order
     print(
         f"\nexpiry soak: {args.tasks} tasks created, finished and expired (FINISHED_TASK_TTL "
@@ -259,6 +270,11 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
     print(
         f"Redis used_memory: start {mib(start_redis // 1024)}, peak "
         f"{mib(max(meter.redis) // 1024)}, end {mib(end_redis // 1024)} ({growth:+.1%})"
+    )
+    print(
+        f"Redis used_memory_dataset: start {mib(start_dataset // 1024)}, peak "
+        f"{mib(max(meter.dataset) // 1024)}, end {mib(meter.dataset[-1] // 1024)}; keys at the "
+        f"end: {int(cluster.redis.command('DBSIZE'))}"
     )
     ok &= growth <= 0.10
     for name, series in meter.rss.items():

@@ -164,6 +164,7 @@ class RedisBackend(Backend):
         # lets a re-poll at the current version wait without a Redis read. Emptied whenever the
         # subscription drops, since messages may be missed from then until the resync.
         self._known: dict[str, TaskState] = {}
+        self._known_peak = 0  # the most it held since it was last rebuilt
         self._known_epoch = ""
         self._generation = 0  # bumped on every drop: a read begun before it must not be kept
 
@@ -244,8 +245,7 @@ class RedisBackend(Backend):
                 if isinstance(parsed, Change):
                     self._publish(parsed)
                 else:
-                    for task_id in parsed:  # purged: it reads as never written now
-                        self._known.pop(task_id, None)
+                    self._forget_purged(parsed)
             elif time.monotonic() - last_ping > HEALTH_CHECK_INTERVAL:
                 # A half-open connection shows up as a failed PING, not as silence.
                 await pubsub.ping()
@@ -268,10 +268,22 @@ class RedisBackend(Backend):
                 self._known[state.task] = state
         elif state.supersedes(known):
             self._known[state.task] = state
+        self._known_peak = max(self._known_peak, len(self._known))
+
+    def _forget_purged(self, task_ids: list[str]) -> None:
+        """Tombstones purged: those tasks read as never written now. A dict keeps its size when
+        emptied: once it holds a quarter of its high-water mark, a copy of it takes its place, so
+        an instance that followed 100,000 tasks gives that memory back once they are gone."""
+        for task_id in task_ids:
+            self._known.pop(task_id, None)
+        if len(self._known) * 4 < self._known_peak:
+            self._known = dict(self._known)
+            self._known_peak = len(self._known)
 
     def _forget(self) -> None:
         self._live.clear()
         self._known.clear()
+        self._known_peak = 0
         self._generation += 1
 
     def peek(self, task_id: str) -> TaskState | None:
