@@ -36,6 +36,7 @@ import aiohttp
 
 from service.backend.base import Retention
 from service.backend.redis import RedisBackend
+from service.history import DEFAULT_HISTORY_LENGTH as HISTORY
 from service.model import DEFAULT_STATUSES, TaskUpdate
 from service.retention import SWEEP_BATCH
 
@@ -45,6 +46,7 @@ from .soak import HOLD, Soak, mib, outcome, rss_kib, workdir
 PER_TASK = 10  # held polls per long-lived task
 CONCURRENCY = 32  # bulk writes in flight
 DEADLINE = 1800.0  # seconds: no phase runs longer
+SETTLE_MAX = 360.0  # seconds memory may take to come back: a full collection is due every 300
 
 
 def redis_memory(cluster: Cluster) -> tuple[int, int]:
@@ -207,8 +209,9 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
 
         await until(f"{args.waiters} polls held", all_held, 60)
         # Warm up first: the instances' connection pools to Redis grow to what bulk writes need
-        # (each connection a few KiB of buffers in Redis), and the processes' own buffers too.
-        failed, _ = await bulk(writer, cluster.url, held * 30, "in_progress")
+        # (each connection a few KiB of buffers in Redis), the processes' own buffers too, and
+        # the held tasks' histories (which the probe writes to) are full.
+        failed, _ = await bulk(writer, cluster.url, held * (HISTORY + 10), "in_progress")
         await asyncio.to_thread(meter.sample)
         start_redis, start_rss = meter.redis[-1], {n: v[-1] for n, v in meter.rss.items()}
         print(
@@ -248,9 +251,25 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
 
         await until("every tombstone purged", purged, DEADLINE)
         meter.phase = "after"
-        # Two of the instances' scheduled collections (every 10 s), after which they give free
-        # memory back (runtime.py); the probe's last window.
-        await asyncio.sleep(25)
+        purged_at = time.monotonic()
+
+        def back() -> bool:
+            rss = {app.name: rss_kib(app) for app in cluster.instances}
+            used, _ = redis_memory(cluster)
+            return used <= start_redis * 1.1 and all(
+                rss[name] <= start_rss[name] * 1.1 for name in rss
+            )
+
+        async def settled() -> bool:
+            # The instances collect their young objects every 10 s and everything every 5 min
+            # (runtime.py): a poll held across a young collection is freed only by the next full
+            # one, then free pages go back to the system. So memory may take that long to return.
+            return await asyncio.to_thread(back)
+
+        with contextlib.suppress(TimeoutError):
+            await until("memory back within 10 %", settled, SETTLE_MAX)
+        settle_time = time.monotonic() - purged_at
+        await asyncio.sleep(5)  # the probe's last window
         stop.set()
         await asyncio.gather(sampling, probing_task)
         await asyncio.to_thread(meter.sample)
@@ -285,6 +304,7 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> bool:
             f"({rss_growth:+.1%})"
         )
         ok &= rss_growth <= 0.10
+    print(f"memory back within 10 % of the start {settle_time:.0f} s after the last purge")
     for phase in ("idle", "creating", "finishing", "sweep only", "purging", "after"):
         print(f"probe writes while {phase}: {quantiles(meter.latencies.get(phase, []))}")
     print(
