@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 from ..config import Config
-from .base import Backend, TaskLimitReached, VersionConflict, WriteResult
+from .base import (
+    Backend,
+    Retention,
+    SweepResult,
+    TaskLimitReached,
+    TaskNotFound,
+    VersionConflict,
+    WriteResult,
+)
 from .memory import MemoryBackend
 
 __all__ = [
     "Backend",
     "MemoryBackend",
+    "Retention",
+    "SweepResult",
     "TaskLimitReached",
+    "TaskNotFound",
     "VersionConflict",
     "WriteResult",
     "create_backend",
@@ -17,8 +28,9 @@ __all__ = [
 
 
 def create_backend(config: Config) -> Backend:
+    retention = Retention(config.finished_task_ttl, config.terminal_statuses, config.tombstone_ttl)
     if not config.redis_url:
-        return MemoryBackend(config.statuses, config.max_tasks, config.history_length)
+        return MemoryBackend(config.statuses, config.max_tasks, config.history_length, retention)
     from .redis import RedisBackend  # imported only when used: the embedded mode needs no redis
 
     return RedisBackend(
@@ -27,4 +39,5 @@ def create_backend(config: Config) -> Backend:
         url=config.redis_url,
         prefix=config.redis_prefix,
         history_length=config.history_length,
+        retention=retention,
     )

@@ -7,13 +7,20 @@ Key layout (``prefix`` defaults to ``taskstatus:``):
 - ``{prefix}seq``        the global change counter
 - ``{prefix}epoch``      a random id of this data set; a new one tells watchers to resnapshot
 - ``{prefix}history:{id}`` list: the task's last changes as JSON, newest first, trimmed by the write
-- channel ``{prefix}changes``: one message per write, ``{"epoch", "seq", "state"}``
+- ``{prefix}live``       the number of live tasks (not tombstones): what ``MAX_TASKS`` counts
+- ``{prefix}due``        sorted set: task id -> when the sweep is to look at it (ms): a finished
+  task's expiry (``FINISHED_TASK_TTL`` after its last write) or a tombstone's purge
+- a tombstone is a task hash with ``deleted`` = 1, expiring after ``TOMBSTONE_TTL``
+- channel ``{prefix}changes``: one message per change, ``{"epoch", "seq", "state"}``; and one per
+  sweep batch that purged tombstones, ``{"epoch", "forget": [ids]}``
 - ``{prefix}instances``  sorted set: instance id -> expiry of its stats record (dashboard.py)
 - ``{prefix}instance:{id}`` the instance's stats record, expiring unless renewed (``lua/stats.lua``)
 
-Writes are one Lua script (``lua/write.lua``). The reader task subscribes, then re-reads every task
-that has waiters and the newest change, so whatever was published while it was not subscribed still
-reaches its waiters; only then does the instance report ready. It reconnects forever, with backoff.
+Writes, deletions and each batch of the retention sweep are one Lua script each (``lua/write.lua``,
+``lua/delete.lua``, ``lua/sweep.lua``, with ``lua/common.lua`` in front of each). The reader task
+subscribes, then re-reads every task that has waiters and the newest change, so whatever was
+published while it was not subscribed still reaches its waiters; only then does the instance
+report ready. It reconnects forever, with backoff.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -43,8 +51,11 @@ from ..model import UNSET, Cursor, TaskState, TaskUpdate, WatchBatch, initial_st
 from .base import (
     Backend,
     ChangeSink,
+    Retention,
     SharedStats,
+    SweepResult,
     TaskLimitReached,
+    TaskNotFound,
     VersionConflict,
     WriteResult,
 )
@@ -59,6 +70,12 @@ RECONNECT_BASE, RECONNECT_CAP = 0.05, 2.0  # seconds, exponential backoff with f
 HEALTH_CHECK_INTERVAL = 5  # seconds of silence before the subscriber PINGs Redis
 _EPOCH_RANDOM = random.Random()
 POOL_SIZE = 64  # connections to Redis, the subscriber's one among them
+# Task states an instance keeps to let re-polls wait without a read (``peek``), the most recently
+# changed first: held polls are at most MAX_HELD_POLLS (20,000) per instance, mostly on far fewer
+# tasks. Kept for every task (up to MAX_TASKS), 100,000 tasks created and expired left each
+# instance +28 MiB of RSS for good (make soak-expiry: freed, but the allocator's arenas stay
+# pinned by the objects made later); 10,000 keep the peak a tenth of that.
+KNOWN_KEPT = 10_000
 
 
 def _connection_error(exc: BaseException) -> bool:
@@ -85,9 +102,16 @@ def _consume_outcome(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def parse_change(data: bytes) -> Change:
+def parse_message(data: bytes) -> Change | list[str]:
+    """A message of the channel: a change, or the ids of purged tombstones to forget."""
     message = json.loads(data)
+    if "forget" in message:
+        return [str(task_id) for task_id in message["forget"]]
     return Change(TaskState.from_dict(message["state"]), Cursor(message["epoch"], message["seq"]))
+
+
+def _script(*names: str) -> str:
+    return "".join((_LUA / name).read_text() for name in names)
 
 
 def _new_epoch() -> str:
@@ -108,8 +132,9 @@ class RedisBackend(Backend):
         url: str,
         prefix: str,
         history_length: int = DEFAULT_HISTORY_LENGTH,
+        retention: Retention | None = None,
     ) -> None:
-        super().__init__(statuses, max_tasks, history_length)
+        super().__init__(statuses, max_tasks, history_length, retention)
         self._url = url
         self._prefix = prefix
         self._channel = f"{prefix}changes"
@@ -117,6 +142,9 @@ class RedisBackend(Backend):
         self._seq_key = f"{prefix}seq"
         self._epoch_key = f"{prefix}epoch"
         self._instances_key = f"{prefix}instances"
+        self._live_key = f"{prefix}live"
+        self._due_key = f"{prefix}due"
+        self._terminal = "," + ",".join(self.retention.terminal_statuses) + ","
         # No retries: a write whose reply was lost must not run twice (it would skip a version).
         # A blocking pool: a burst of polls (thousands re-polling after one fan-out) queues for a
         # connection instead of failing with MaxConnectionsError; Redis is single-threaded, so a
@@ -130,17 +158,20 @@ class RedisBackend(Backend):
             retry=Retry(NoBackoff(), 0),
         )
         self._redis = Redis(connection_pool=pool)
-        self.write_script = self._redis.register_script((_LUA / "write.lua").read_text())
+        self.write_script = self._redis.register_script(_script("common.lua", "write.lua"))
+        self._delete_script = self._redis.register_script(_script("common.lua", "delete.lua"))
+        self._sweep_script = self._redis.register_script(_script("common.lua", "sweep.lua"))
         self._changes_script = self._redis.register_script((_LUA / "changes.lua").read_text())
         self._stats_script = self._redis.register_script((_LUA / "stats.lua").read_text())
         self._sink: ChangeSink | None = None
         self._reader: asyncio.Task[None] | None = None
         self._live = asyncio.Event()
         self._closing = False
-        # The newest state of each task seen since the subscription went live (messages, reads):
-        # lets a re-poll at the current version wait without a Redis read. Emptied whenever the
-        # subscription drops, since messages may be missed from then until the resync.
-        self._known: dict[str, TaskState] = {}
+        # The newest state of the KNOWN_KEPT tasks most recently changed or read since the
+        # subscription went live (messages, reads): lets a re-poll at the current version wait
+        # without a Redis read. Emptied whenever the subscription drops, since messages may be
+        # missed from then until the resync.
+        self._known: OrderedDict[str, TaskState] = OrderedDict()
         self._known_epoch = ""
         self._generation = 0  # bumped on every drop: a read begun before it must not be kept
 
@@ -228,7 +259,11 @@ class RedisBackend(Backend):
             if message is not None:
                 heard, pinged = now, None
                 if message["type"] == "message":
-                    self._publish(parse_change(message["data"]))
+                    parsed = parse_message(message["data"])
+                    if isinstance(parsed, Change):
+                        self._publish(parsed)
+                    else:
+                        self._forget_purged(parsed)
             elif pinged is not None:
                 if now - pinged > SOCKET_TIMEOUT:
                     raise RedisTimeoutError(f"no answer to a PING in {now - pinged:.1f} s")
@@ -245,12 +280,22 @@ class RedisBackend(Backend):
             self._sink.publish(change)
 
     def _remember(self, state: TaskState) -> None:
+        """Keep ``state`` if it is the newest seen. Tombstones too, until they are purged (a
+        ``forget`` message): else an older state read before the deletion could come back."""
         known = self._known.get(state.task)
         if known is None:
-            if state.version > 0 and len(self._known) < self.max_tasks:
+            if state.version > 0:
                 self._known[state.task] = state
-        elif state.version > known.version:
+                if len(self._known) > KNOWN_KEPT:
+                    self._known.popitem(last=False)  # a poll of it reads Redis once, then peeks
+        elif state.supersedes(known):
             self._known[state.task] = state
+            self._known.move_to_end(state.task)
+
+    def _forget_purged(self, task_ids: list[str]) -> None:
+        """Tombstones purged: those tasks read as never written now."""
+        for task_id in task_ids:
+            self._known.pop(task_id, None)
 
     def _forget(self) -> None:
         self._live.clear()
@@ -327,8 +372,10 @@ class RedisBackend(Backend):
         if raw is None:
             return initial_state(task_id, self.statuses)
         state = TaskState.from_dict(json.loads(raw))
-        if self._live.is_set() and generation == self._generation:
-            self._remember(state)  # read while subscribed: any later write reaches us
+        # Read while subscribed: any later write reaches us. Not a tombstone: read just before
+        # its purge, it would stay after the purge's forget message.
+        if self._live.is_set() and generation == self._generation and not state.deleted:
+            self._remember(state)
         return state
 
     async def list_tasks(self) -> list[TaskState]:
@@ -339,8 +386,7 @@ class RedisBackend(Backend):
     ) -> tuple[list[str], list[str]]:
         """The write script's keys and arguments for ``update`` of ``task_id`` by ``subject``."""
         expected = "" if update.expected_version is None else str(update.expected_version)
-        keys = [self._task_key(task_id), self._index_key, self._seq_key, self._epoch_key]
-        keys.append(self._history_key(task_id))
+        keys = self._task_keys(task_id)
         args = [
             task_id,
             self.statuses[0],
@@ -353,8 +399,22 @@ class RedisBackend(Backend):
             str(self.max_tasks),
             str(self.history_length),
             subject or "",
+            str(self.retention.finished_ttl * 1000),
+            self._terminal,
         ]
         return keys, args
+
+    def _task_keys(self, task_id: str) -> list[str]:
+        """The keys a script that changes ``task_id`` touches (write.lua, delete.lua)."""
+        return [
+            self._task_key(task_id),
+            self._index_key,
+            self._seq_key,
+            self._epoch_key,
+            self._history_key(task_id),
+            self._live_key,
+            self._due_key,
+        ]
 
     async def write(
         self, task_id: str, update: TaskUpdate, subject: str | None = None
@@ -369,6 +429,30 @@ class RedisBackend(Backend):
         state = TaskState.from_dict(json.loads(state_json))
         previous = TaskState(task_id, previous_status.decode(), version=state.version - 1)
         return WriteResult(previous=previous, state=state)
+
+    async def _delete(self, task_id: str, expected_version: int | None) -> TaskState:
+        expected = "" if expected_version is None else str(expected_version)
+        args = [task_id, expected, _new_epoch(), self._channel]
+        args.append(str(self.retention.tombstone_ttl * 1000))
+        script = self._delete_script(keys=self._task_keys(task_id), args=args)
+        outcome, *rest = await self._call(script, shielded=False)
+        if outcome == b"not_found":
+            raise TaskNotFound
+        state = TaskState.from_dict(json.loads(rest[0]))
+        if outcome == b"conflict":
+            raise VersionConflict(state)
+        return state
+
+    async def _sweep(self, limit: int) -> SweepResult:
+        keys = [self._due_key, self._index_key, self._seq_key, self._epoch_key, self._live_key]
+        args = [self._task_key(""), self._history_key(""), _new_epoch(), self._channel, str(limit)]
+        args += [
+            str(self.retention.tombstone_ttl * 1000),
+            self._terminal,
+            str(self.retention.finished_ttl * 1000),
+        ]
+        expired, purged, more = await self._call(self._sweep_script(keys=keys, args=args))
+        return SweepResult(int(expired), int(purged), bool(more))
 
     async def history(self, task_id: str) -> list[HistoryEntry]:
         if not self.history_length:
@@ -393,7 +477,7 @@ class RedisBackend(Backend):
 
     async def share_stats(self, instance_id: str, record: str, ttl: float) -> SharedStats:
         ttl_ms = round(ttl * 1000)
-        keys = [self._instances_key, self._index_key]
+        keys = [self._instances_key, self._live_key, self._index_key]
         args = [self._instance_key(""), instance_id, record, str(ttl_ms)]
         tasks, *found = await self._call(self._stats_script(keys=keys, args=args))
         records = [
