@@ -94,5 +94,10 @@ soak: $(VENV)/.synced-runtime  ## bounded soak, not in make test: 5,000 waiters,
 	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx
 	$(BIN)/python -m deploy.soak --minutes $(or $(MINUTES),10)
 
+.PHONY: soak-expiry
+soak-expiry: $(VENV)/.synced-runtime  ## the store stops growing: 100,000 tasks created, finished, expired
+	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx
+	$(BIN)/python -m deploy.expiry_soak --tasks $(or $(TASKS),100000)
+
 clean:
 	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache test-artifacts

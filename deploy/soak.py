@@ -27,7 +27,7 @@ import random
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,13 +254,18 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep logs and data here (default: temp)")
     args = parser.parse_args()
     with workdir(args.workdir) as folder, running_cluster(folder, durable_redis=True) as cluster:
-        try:
-            ok = asyncio.run(run(cluster, args))
-        except TimeoutError as exc:
-            print(f"soak: {exc}")
-            ok = False
+        ok = outcome("soak", run(cluster, args))
     print("soak passed" if ok else "soak FAILED")
     raise SystemExit(0 if ok else 1)
+
+
+def outcome(name: str, soak: Coroutine[None, None, bool]) -> bool:
+    """Run ``soak``; False, said, if it timed out waiting for something."""
+    try:
+        return asyncio.run(soak)
+    except TimeoutError as exc:
+        print(f"{name}: {exc}")
+        return False
 
 
 if __name__ == "__main__":

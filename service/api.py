@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from aiohttp import hdrs, web
 
 from .auth import GRANT
-from .backend import TaskLimitReached, VersionConflict
+from .backend import TaskLimitReached, TaskNotFound, VersionConflict
 from .conditional import parse_if_none_match, parse_prefer_wait
 from .direct import AlreadyAnswered, direct_transport
 from .errors import ApiError, bad_request
@@ -166,6 +166,7 @@ async def task_history(request: web.Request) -> web.Response:
 
 
 async def list_tasks(request: web.Request) -> web.Response:
+    """Every live task: deleted ones are left out."""
     states = await request.app[BACKEND].list_tasks()
     return json_response({"tasks": [state.to_dict() for state in states]})
 
@@ -322,12 +323,7 @@ async def _write(request: web.Request, task_id: str) -> web.Response:
             f"the store holds its maximum of {config.max_tasks} tasks; write to an existing one",
         ) from None
     except VersionConflict as conflict:
-        raise ApiError(
-            409,
-            "version_conflict",
-            f"expected version {update.expected_version}, task is at {conflict.current.version}",
-            extra={"current": conflict.current.to_dict()},
-        ) from None
+        raise _conflict(update.expected_version, conflict) from None
     state = result.state
     # DEBUG, not INFO: a line per write was 7 % of an instance's CPU at 1,600 writes/s (py-spy,
     # bench throughput); the task's history keeps who wrote what.
@@ -339,6 +335,33 @@ async def _write(request: web.Request, task_id: str) -> web.Response:
         state.version,
     )
     return state_response(state)
+
+
+def _conflict(expected: int | None, conflict: VersionConflict) -> ApiError:
+    return ApiError(
+        409,
+        "version_conflict",
+        f"expected version {expected}, task is at {conflict.current.version}",
+        extra={"current": conflict.current.to_dict()},
+    )
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    """Delete a task: its tombstone (version + 1, ``deleted``) is the answer, and every
+    watcher's next change."""
+    task_id = task_id_of(request)
+    raw = single_param(request, "expected_version")
+    expected = None if raw is None else parse_counter("expected_version", raw)
+    try:
+        tombstone = await request.app[BACKEND].delete(task_id, expected)
+    except TaskNotFound:
+        raise ApiError(
+            404, "task_not_found", f"task {task_id} does not exist (or is deleted already)"
+        ) from None
+    except VersionConflict as conflict:
+        raise _conflict(expected, conflict) from None
+    log.debug("task %s: deleted (version %d)", task_id, tombstone.version)
+    return state_response(tombstone)
 
 
 async def update_status(request: web.Request) -> web.Response:
@@ -356,6 +379,7 @@ def setup_api_routes(app: web.Application) -> None:
     app.router.add_get("/api/tasks", list_tasks, allow_head=False)
     app.router.add_get("/api/tasks/{task_id}", get_task, allow_head=False)
     app.router.add_put("/api/tasks/{task_id}", put_task)
+    app.router.add_delete("/api/tasks/{task_id}", delete_task)
     app.router.add_get("/api/tasks/{task_id}/poll", poll_task, allow_head=False)
     app.router.add_get("/api/tasks/{task_id}/history", task_history, allow_head=False)
     app.router.add_get("/api/watch", watch, allow_head=False)

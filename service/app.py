@@ -28,6 +28,7 @@ from .metrics import setup_metrics
 from .middleware import add_security_headers, add_standard_headers, errors_middleware
 from .openapi import setup_openapi_routes
 from .ratelimit import setup_rate_limit
+from .retention import retention_ctx
 from .runtime import freeze_startup_objects, install_event_loop, scheduled_gc
 from .sse import setup_sse_routes
 from .views import setup_page_routes
@@ -108,6 +109,7 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_security_headers)
     app.cleanup_ctx.append(backend_ctx)
     app.cleanup_ctx.append(dashboard_ctx)  # shares its stats once the backend is up
+    app.cleanup_ctx.append(retention_ctx)  # sweeps once the backend is up
     app.cleanup_ctx.append(waiting_clients_log_ctx)
     app.on_shutdown.append(release_waiters)
     return app

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .history import DEFAULT_HISTORY_LENGTH, MAX_HISTORY_LENGTH
-from .model import DEFAULT_STATUSES, TASK_ID_PATTERN
+from .model import DEFAULT_STATUSES, DEFAULT_TERMINAL_STATUSES, TASK_ID_PATTERN
 
 MIN_SECRET_BYTES = 32  # HS256 keys shorter than the hash are weak (RFC 7518, 3.2)
 _ORIGIN_RE = re.compile(
@@ -68,6 +68,14 @@ class Config:
     max_held_polls: int = 20000  # past it, new polls and watches get 503 + Retry-After
     max_tasks: int = 100000  # past it, a write that would create a task gets 507
     history_length: int = DEFAULT_HISTORY_LENGTH  # changes kept per task; 0: no history
+    # Task lifecycle (retention.py): a task in one of the terminal statuses that nobody wrote for
+    # FINISHED_TASK_TTL seconds is deleted by the service (0: kept forever); a deleted task's
+    # tombstone is kept TOMBSTONE_TTL seconds, then the task reads as never written.
+    finished_task_ttl: int = 7 * 24 * 3600
+    # The default keeps those of completed, failed, cancelled that are configured statuses.
+    terminal_statuses: tuple[str, ...] = DEFAULT_TERMINAL_STATUSES
+    tombstone_ttl: int = 3600
+    sweep_interval: float = 1.0  # seconds between this instance's retention sweeps; 0: none
     stats_interval: float = 1.0  # seconds between this instance's dashboard records; 0: none
     event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
     body_read_timeout: float = 10.0  # seconds for a write's whole body to arrive, else 408
@@ -103,10 +111,29 @@ class Config:
             raise ValueError(f"HISTORY_LENGTH must be between 0 and {MAX_HISTORY_LENGTH}")
         if self.stats_interval != 0 and not 0.1 <= self.stats_interval <= 60:
             raise ValueError("STATS_INTERVAL must be 0 or between 0.1 and 60 seconds")
+        self._check_lifecycle_settings()
         self._check_security_settings()
         self._check_redis_settings()
         if not self.instance_id:
             object.__setattr__(self, "instance_id", f"{socket.gethostname()}:{self.port}")
+
+    def _check_lifecycle_settings(self) -> None:
+        if self.terminal_statuses == DEFAULT_TERMINAL_STATUSES:
+            configured = tuple(s for s in self.terminal_statuses if s in self.statuses)
+            object.__setattr__(self, "terminal_statuses", configured)
+        unknown = [s for s in self.terminal_statuses if s not in self.statuses]
+        if unknown:
+            raise ValueError(
+                f"TERMINAL_STATUSES must be configured statuses; not in STATUSES: {unknown}"
+            )
+        if self.finished_task_ttl < 0:
+            raise ValueError("FINISHED_TASK_TTL must be 0 (keep forever) or more seconds")
+        # A poll held on a deleted task must find the tombstone: it may come back at most
+        # POLL_TIMEOUT_MAX later, and once more after an error.
+        if self.tombstone_ttl < 2 * self.poll_timeout_max:
+            raise ValueError("TOMBSTONE_TTL must be at least twice POLL_TIMEOUT_MAX")
+        if self.sweep_interval != 0 and not 0.01 <= self.sweep_interval <= 60:
+            raise ValueError("SWEEP_INTERVAL must be 0 or between 0.01 and 60 seconds")
 
     def _check_security_settings(self) -> None:
         if self.auth_secret and self.auth_public_key_file:
@@ -238,6 +265,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         default=env.get("HISTORY_LENGTH", str(d.history_length)),
         help="changes kept per task for GET /api/tasks/{id}/history; 0: none",
     )
+    _add_lifecycle_arguments(parser, env, d)
     parser.add_argument(
         "--stats-interval",
         type=float,
@@ -293,6 +321,40 @@ def _add_high_availability_arguments(
         type=int,
         default=env.get("REDIS_REPLICATION_TIMEOUT", str(d.redis_replication_timeout)),
         help="milliseconds a write waits for its replicas; then 503 not_replicated",
+    )
+
+
+def _add_lifecycle_arguments(
+    parser: argparse.ArgumentParser, env: Mapping[str, str], d: Config
+) -> None:
+    """Deletion and retention (retention.py)."""
+    parser.add_argument(
+        "--finished-task-ttl",
+        type=int,
+        default=env.get("FINISHED_TASK_TTL", str(d.finished_task_ttl)),
+        help="seconds a task in a terminal status is kept after its last write, then deleted "
+        "(default 604800, 7 days); 0: kept forever",
+    )
+    parser.add_argument(
+        "--terminal-statuses",
+        type=_comma_list,
+        default=env.get("TERMINAL_STATUSES", ",".join(DEFAULT_TERMINAL_STATUSES)),
+        help="comma-separated statuses (of --statuses) that FINISHED_TASK_TTL applies to "
+        "(default completed,failed,cancelled)",
+    )
+    parser.add_argument(
+        "--tombstone-ttl",
+        type=int,
+        default=env.get("TOMBSTONE_TTL", str(d.tombstone_ttl)),
+        help="seconds a deleted task's tombstone is kept (default 3600; at least twice "
+        "POLL_TIMEOUT_MAX), then the task reads as never written",
+    )
+    parser.add_argument(
+        "--sweep-interval",
+        type=float,
+        default=env.get("SWEEP_INTERVAL", str(d.sweep_interval)),
+        help="seconds between this instance's retention sweeps (default 1); 0: it sweeps "
+        "nothing, other instances do",
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import aiohttp_cors
 from aiohttp import web
 
-ALLOW_METHODS = ("GET", "PUT", "POST")
+ALLOW_METHODS = ("GET", "PUT", "POST", "DELETE")
 # What a page of another origin may send and read besides the CORS-safelisted headers.
 ALLOW_HEADERS = ("Authorization", "Content-Type", "If-None-Match", "Prefer")
 EXPOSE_HEADERS = ("ETag", "Preference-Applied", "Retry-After", "WWW-Authenticate", "X-Served-By")

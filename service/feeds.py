@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .backend import Backend
 from .hub import Change, Waiter
-from .model import Cursor, WatchBatch
+from .model import Cursor, TaskState, WatchBatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class TaskFeed:
         self._waiter = waiter
         self._task_id = task_id
         self._since = since
-        self._version = 0
+        self._state: TaskState | None = None  # the newest state this feed has
         self._epoch: str | None = None  # the store's, learned from the first change seen
 
     async def catch_up(self) -> Event | None:
@@ -53,7 +53,7 @@ class TaskFeed:
         state = self._backend.peek(self._task_id)
         if state is None or (self._since is not None and state.version < self._since):
             state = await self._backend.get(self._task_id)
-        self._version = state.version
+        self._state = state
         if state.version == self._since:
             return None
         return Event(str(state.version), json.dumps(state.to_dict()).encode())
@@ -63,14 +63,15 @@ class TaskFeed:
         change = await self._waiter.wait(self._news, hold)
         if change is None:
             return None
-        self._version = change.state.version
-        return Event(str(self._version), change.body, change)
+        self._state = change.state
+        return Event(str(change.state.version), change.body, change)
 
     def _news(self, change: Change) -> bool:
         reset = self._epoch is not None and change.cursor.epoch != self._epoch
         self._epoch = change.cursor.epoch
         # After a reset of the store the versions start again: take the new state as it is.
-        return reset or change.state.version > self._version
+        # So they do for a task written anew after its tombstone was purged (``supersedes``).
+        return reset or self._state is None or change.state.supersedes(self._state)
 
 
 class BoardFeed:

@@ -30,6 +30,8 @@ class HistoryEntry:
 
     @classmethod
     def of(cls, state: TaskState, subject: str | None) -> HistoryEntry:
+        """The entry of a write (a deletion has none: it takes the task's history with it)."""
+        assert state.status is not None, "a tombstone has no history entry"
         return cls(
             version=state.version,
             status=state.status,

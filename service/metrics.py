@@ -7,17 +7,23 @@ What is counted, with bounded labels only (never a task id):
 - ``taskstatus_polls_answered_total{transport,outcome}``: ``changed`` (200), ``timeout`` (nothing
   new: 204, 304), ``disconnected`` (the client left first), ``rejected`` (an error answer: bad
   parameters, no token, the held-poll cap, the store unreachable);
-- ``taskstatus_writes_total{result}``: ``ok``, ``conflict`` (409), ``invalid`` (other 4xx),
+- ``taskstatus_writes_total{result}`` (deletions included): ``ok``, ``conflict`` (409), ``invalid``
+  (other 4xx, a deletion of a task that does not exist too),
   ``unauthorized`` (401, 403), ``limit`` (429 rate limit, 507 task cap), ``unavailable`` (503),
   ``error`` (500);
 - ``taskstatus_notify_delay_seconds{transport}``: from a write's publish to the answer that
   carries it to a waiter. The publish time travels with the change: its ``updated_at``, stamped
   by Redis' clock in the write script (by this process for the embedded backend), to the
   millisecond, so a delay reads up to 1 ms long and assumes the clocks agree;
-- ``taskstatus_pubsub_reconnects_total``, ``taskstatus_redis_errors_total``,
-  ``taskstatus_redis_failovers_total`` (Sentinel moved the primary),
-  ``taskstatus_writes_not_replicated_total`` (WAIT short of REDIS_MIN_REPLICAS),
-  ``taskstatus_tasks`` (tasks in the store, as of the last stats tick, see ``dashboard.py``);
+- ``taskstatus_pubsub_reconnects_total``, ``taskstatus_redis_errors_total``, ``taskstatus_tasks``
+  (live tasks in the store, tombstones not counted, as of the last stats tick, see
+  ``dashboard.py``);
+- ``taskstatus_tasks_deleted_total`` (``DELETE``s through this instance),
+  ``taskstatus_tasks_expired_total`` (finished tasks its retention sweeps deleted),
+  ``taskstatus_tombstones_purged_total`` (tombstones its sweeps removed); the cluster's figure
+  is the sum over the instances;
+- ``taskstatus_redis_failovers_total`` (Sentinel moved the primary),
+  ``taskstatus_writes_not_replicated_total`` (WAIT short of REDIS_MIN_REPLICAS);
 - ``process_*`` (resident memory, open file descriptors, CPU) and ``python_info``.
 
 The counts are plain numbers on the event loop's thread; one collector turns them into metric
@@ -86,7 +92,13 @@ POLL_ROUTES: Final = {
     ("GET", "/api/watch"): "watch",
     ("GET", "/api/cluster/watch"): "dashboard",
 }
-WRITE_ROUTES: Final = frozenset({("PUT", "/api/tasks/{task_id}"), ("POST", "/api/update-status")})
+WRITE_ROUTES: Final = frozenset(
+    {
+        ("PUT", "/api/tasks/{task_id}"),
+        ("DELETE", "/api/tasks/{task_id}"),
+        ("POST", "/api/update-status"),
+    }
+)
 # A conditional GET of a task (If-None-Match and Prefer: wait) is a long poll too.
 CONDITIONAL_ROUTE: Final = ("GET", "/api/tasks/{task_id}")
 _WRITE: Final = "write"
@@ -330,9 +342,24 @@ class _Exporter(Collector):
             "Writes the primary took that too few replicas confirmed in time (503 not_replicated)",
             value=backend.not_replicated,
         )
+        yield CounterMetricFamily(
+            "taskstatus_tasks_deleted", "Tasks deleted through this instance", value=backend.deleted
+        )
+        yield CounterMetricFamily(
+            "taskstatus_tasks_expired",
+            "Finished tasks deleted by this instance's retention sweeps (FINISHED_TASK_TTL)",
+            value=backend.expired,
+        )
+        yield CounterMetricFamily(
+            "taskstatus_tombstones_purged",
+            "Tombstones removed by this instance's retention sweeps (TOMBSTONE_TTL)",
+            value=backend.purged,
+        )
         if m.tasks is not None:
             yield GaugeMetricFamily(
-                "taskstatus_tasks", "Tasks in the store (as of the last stats tick)", value=m.tasks
+                "taskstatus_tasks",
+                "Live tasks in the store, tombstones not counted (as of the last stats tick)",
+                value=m.tasks,
             )
 
 

@@ -19,6 +19,7 @@ TASK_ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _TASK_ID_RE: Final = re.compile(TASK_ID_PATTERN)
 DEFAULT_TASK: Final = "default"
 DEFAULT_STATUSES: Final = ("pending", "in_progress", "completed", "failed", "cancelled")
+DEFAULT_TERMINAL_STATUSES: Final = ("completed", "failed", "cancelled")
 MESSAGE_MAX_CHARS: Final = 500
 # Versions and cursors stay exact in JavaScript numbers (2**53); anything larger is a client error.
 MAX_COUNTER: Final = 2**53 - 1
@@ -42,15 +43,23 @@ def utc_now_iso() -> str:
 
 @dataclass(frozen=True, slots=True)
 class TaskState:
+    """A task's state; with ``deleted``, its tombstone (no status, progress or message).
+
+    A tombstone is the state a deletion leaves, for ``TOMBSTONE_TTL``: every watcher sees it as a
+    change like any other, and a write after it continues from its version (``reborn``), so a
+    version number never names two different states.
+    """
+
     task: str
-    status: str
+    status: str | None
     version: int = 0
     updated_at: str | None = None
     progress: int | None = None
     message: str | None = None
+    deleted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "task": self.task,
             "status": self.status,
             "version": self.version,
@@ -58,16 +67,43 @@ class TaskState:
             "progress": self.progress,
             "message": self.message,
         }
+        if self.deleted:
+            data["deleted"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskState:
         return cls(
             task=str(data["task"]),
-            status=str(data["status"]),
+            status=None if data.get("status") is None else str(data["status"]),
             version=int(data["version"]),
             updated_at=data.get("updated_at"),
             progress=None if data.get("progress") is None else int(data["progress"]),
             message=data.get("message"),
+            deleted=data.get("deleted") is True,
+        )
+
+    def tombstone(self, now: str) -> TaskState:
+        """What deleting this (live) state leaves: the next version, marked deleted."""
+        return TaskState(self.task, None, self.version + 1, now, deleted=True)
+
+    def reborn(self, statuses: tuple[str, ...]) -> TaskState:
+        """What a write to this state starts from: itself, or for a tombstone the state of a task
+        never written, at the tombstone's version (a recreated task continues at V+2)."""
+        if not self.deleted:
+            return self
+        return replace(initial_state(self.task, statuses), version=self.version)
+
+    def supersedes(self, known: TaskState) -> bool:
+        """Whether a change to this state is news to a follower that has ``known``: a higher
+        version, or, after a tombstone, a task written anew once the tombstone was purged
+        (versions start again at 1 then, but its ``updated_at`` is later)."""
+        if self.version > known.version:
+            return True
+        return (
+            known.deleted
+            and not self.deleted
+            and (self.updated_at or "") > (known.updated_at or "")
         )
 
 

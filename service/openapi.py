@@ -152,6 +152,34 @@ def _write(operation_id: str, summary: str, task_id: bool) -> Schema:
     }
 
 
+def _delete() -> Schema:
+    expected = _parameter(
+        "expected_version",
+        "query",
+        {"type": "integer", "minimum": 0, "maximum": MAX_COUNTER},
+        "the version the client has: if it is not the task's version, nothing is deleted (409)",
+    )
+    return {
+        "operationId": "deleteTask",
+        "summary": "Delete a task: its tombstone (version + 1, `deleted`) replaces it, and every "
+        "watcher gets it as a change; a later write continues from the tombstone's version",
+        "parameters": [TASK_ID_PARAMETER, expected],
+        "responses": {
+            "200": _response("The tombstone", _ref("Tombstone"), headers=("ETag",)),
+            "400": BAD_REQUEST,
+            "404": _error(
+                "No such task (`task_not_found`: never written, or deleted already; nothing "
+                "changed), or no such route"
+            ),
+            "409": _response(
+                "expected_version is not the current version: nothing changed", _ref("Conflict")
+            ),
+            "503": UNAVAILABLE,
+        },
+        "x-scope": WRITE,
+    }
+
+
 def _poll(operation_id: str, summary: str, version: str, task_id: bool) -> Schema:
     version_parameter = _parameter(
         version,
@@ -165,7 +193,10 @@ def _poll(operation_id: str, summary: str, version: str, task_id: bool) -> Schem
         summary,
         [*([TASK_ID_PARAMETER] if task_id else []), version_parameter, TIMEOUT_PARAMETER],
         {
-            "200": _state("The state, whose version is not the one given"),
+            "200": _state(
+                "The state, whose version is not the one given (a tombstone once the "
+                "task is deleted)"
+            ),
             "204": NOTHING_NEW,
             "400": BAD_REQUEST,
             **({"404": NO_ROUTE} if task_id else {}),
@@ -431,7 +462,7 @@ def _paths() -> Schema:
         "/api/tasks": {
             "get": _read(
                 "listTasks",
-                "Every task ever written, oldest change first",
+                "Every live task (written, not deleted), oldest change first",
                 [],
                 {"200": _response("The tasks", _ref("TaskList")), "503": UNAVAILABLE},
             )
@@ -439,8 +470,8 @@ def _paths() -> Schema:
         "/api/tasks/{task_id}": {
             "get": _read(
                 "getTask",
-                "The state of a task (version 0 if never written); with `If-None-Match` and "
-                "`Prefer: wait`, a long poll",
+                "The state of a task (version 0 if never written, its tombstone if deleted); with "
+                "`If-None-Match` and `Prefer: wait`, a long poll",
                 [TASK_ID_PARAMETER, *_conditional_parameters()],
                 {
                     "200": _response(
@@ -456,7 +487,12 @@ def _paths() -> Schema:
                     "503": UNAVAILABLE,
                 },
             ),
-            "put": _write("putTask", "Write a task (created by its first write)", True),
+            "put": _write(
+                "putTask",
+                "Write a task (created by its first write, or by the first after its deletion)",
+                True,
+            ),
+            "delete": _delete(),
         },
         "/api/tasks/{task_id}/poll": {
             "get": _poll("pollTask", "Long poll on one task", "since", True)
@@ -570,6 +606,34 @@ def _components(statuses: tuple[str, ...]) -> Schema:
     return {
         "schemas": {
             "TaskState": {
+                "description": "A task's state: live, or its tombstone once deleted",
+                "oneOf": [_ref("LiveTaskState"), _ref("Tombstone")],
+            },
+            "Tombstone": {
+                "type": "object",
+                "description": "What a deletion leaves for TOMBSTONE_TTL seconds: the deletion's "
+                "version and time; then the task reads as never written",
+                "required": [
+                    "task",
+                    "status",
+                    "version",
+                    "updated_at",
+                    "progress",
+                    "message",
+                    "deleted",
+                ],
+                "additionalProperties": False,
+                "properties": {
+                    "task": {"type": "string", "pattern": TASK_ID},
+                    "status": {"type": "null"},
+                    "version": {**counter, "minimum": 2},
+                    "updated_at": {"type": "string", "format": "date-time"},
+                    "progress": {"type": "null"},
+                    "message": {"type": "null"},
+                    "deleted": {"const": True},
+                },
+            },
+            "LiveTaskState": {
                 "type": "object",
                 "required": ["task", "status", "version", "updated_at", "progress", "message"],
                 "additionalProperties": False,

@@ -17,12 +17,20 @@ Both are measured in bench/ (``make bench``), not asserted in tests:
   polls held that is every re-poll's request (~44 objects each), ~260 ms on this machine whether
   it runs every second or every 10 s, while the cyclic garbage it finds is ~300 objects a second
   (measured with the fan-out bench). Hence 10 s: a tenth of the pauses, ~30 KB of garbage.
+
+  After each collection the C allocator gives its free pages back to the system (glibc's
+  ``malloc_trim``): memory freed after a peak otherwise stays in the process for good. Measured:
+  2-3 ms a call; a process with a Redis backend that had written and followed 50,000 tasks through
+  their expiry went from +21 MiB of RSS to +7 MiB (``make soak-expiry`` has the cluster's figures).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +65,23 @@ QUIET_CHECK = 0.05  # seconds between looks for a quiet moment to collect in
 QUIET_WAIT_MAX = 5.0  # a collection waits at most this long for one
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    trim: Callable[[int], int] | None = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    return trim
+
+
+def release_free_memory() -> None:
+    """Give the allocator's free pages back to the system (after a collection)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def scheduled_gc(busy: Callable[[], bool]) -> Callable[[object], AsyncIterator[None]]:
     """cleanup_ctx of the server process: the collector runs on a clock, not on allocations, and
     at a moment ``busy()`` is false (no fan-out in progress) if one comes within a few seconds:
@@ -75,6 +100,7 @@ def scheduled_gc(busy: Callable[[], bool]) -> Callable[[object], AsyncIterator[N
                     waited += QUIET_CHECK
                 rounds += 1
                 gc.collect(2 if rounds % FULL_EVERY == 0 else 1)
+                release_free_memory()
 
         task = asyncio.create_task(collect(), name="scheduled-gc")
         try:

@@ -52,8 +52,16 @@ RECORDER = """
   const states = (window.__states = []);
   // "task|status" and "task|#version": when the tab first showed it (epoch ms, the tab's clock)
   const since = (window.__since = {});
+  const removed = (window.__removed = {});  // task: when its card last left the board (epoch ms)
+  let present = new Set();
   const text = (card, name) => card.querySelector(`[data-field="${name}"]`);
   new MutationObserver(() => {
+    const shown = document.querySelectorAll("#board [data-task]");
+    const cards = new Set([...shown].map((card) => card.dataset.task));
+    for (const id of present) {
+      if (!cards.has(id)) removed[id] = performance.timeOrigin + performance.now();
+    }
+    present = cards;
     const connection = document.getElementById("connection")?.dataset.state;
     if (connection && states.at(-1) !== connection) states.push(connection);
     for (const card of document.querySelectorAll("#board [data-task]")) {
@@ -160,6 +168,13 @@ def now_ms() -> float:
     return time.time() * 1000
 
 
+async def removed_at(page: Page, task_id: str) -> float:
+    """When (epoch ms, the tab's clock) the tab last took ``task_id``'s card off the board."""
+    removed: float | None = await page.evaluate("(id) => window.__removed[id] ?? null", task_id)
+    assert removed is not None, f"the tab never removed the card of {task_id}"
+    return removed
+
+
 async def sent_at(page: Page, path: str) -> float:
     """When (epoch ms) the tab sent its last request of ``path``."""
     sent: float | None = await page.evaluate(
@@ -226,12 +241,23 @@ async def put_task(base_url: str, task_id: str, **update: Any) -> dict[str, Any]
     return await asyncio.to_thread(_put, base_url, task_id, update)
 
 
+async def delete_task(base_url: str, task_id: str) -> dict[str, Any]:
+    """Delete as another program would; the tombstone."""
+    return await asyncio.to_thread(_send, base_url, task_id, "DELETE", None)
+
+
 def _put(base_url: str, task_id: str, update: dict[str, Any]) -> dict[str, Any]:
+    return _send(base_url, task_id, "PUT", update)
+
+
+def _send(
+    base_url: str, task_id: str, method: str, update: dict[str, Any] | None
+) -> dict[str, Any]:
     request = urllib.request.Request(
         f"{base_url}/api/tasks/{task_id}",
-        data=json.dumps(update).encode(),
-        headers={"Content-Type": "application/json"},
-        method="PUT",
+        data=None if update is None else json.dumps(update).encode(),
+        headers={} if update is None else {"Content-Type": "application/json"},
+        method=method,
     )
     with urllib.request.urlopen(request, timeout=5) as response:
         state: dict[str, Any] = json.load(response)

@@ -476,7 +476,7 @@ async def test_missing_version_in_a_poll_is_400(seeded: Client, path: str) -> No
         ("PUT", "/api/status", "GET"),
         ("HEAD", "/api/status", "GET"),
         ("GET", "/api/update-status", "POST"),
-        ("DELETE", "/api/tasks/t", "GET"),
+        ("DELETE", "/api/tasks", "GET"),
         ("POST", "/api/tasks/t", "GET"),
         ("POST", "/api/tasks", "GET"),
         ("POST", "/api/poll-status?last_version=0", "GET"),

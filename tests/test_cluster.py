@@ -7,6 +7,7 @@ module's cluster cannot see each other's writes.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -43,6 +44,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield running
 
 
+@pytest.fixture(scope="module")
+def retaining_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Finished tasks expire after 1 s; every instance sweeps every 50 ms."""
+    args = ["--finished-task-ttl", "1", "--sweep-interval", "0.05"]
+    with running_cluster(tmp_path_factory.mktemp("retaining"), instance_args=args) as running:
+        yield running
+
+
 @pytest.fixture
 def own_cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A cluster of this test's own, for tests that kill or cut parts of it."""
@@ -72,6 +81,22 @@ async def poll(
         return response.status, body, response.headers["X-Served-By"]
 
 
+async def follow(
+    http: aiohttp.ClientSession, instance: Instance, task: str, *, until_version: int
+) -> list[JSON]:
+    """Poll ``task`` on ``instance`` as a page does, from version 0 until ``until_version``;
+    every state answered, in order."""
+    seen: list[JSON] = []
+    version = 0
+    while version < until_version:
+        code, state, _ = await poll(http, instance.url, task, since=version)
+        if code == 200:
+            assert state is not None
+            version = state["version"]
+            seen.append(state)
+    return seen
+
+
 async def waiting_polls(http: aiohttp.ClientSession, instance: Instance) -> int:
     async with http.get(f"{instance.url}/healthz") as response:
         count: int = (await response.json())["waiting"]["polls"]
@@ -84,6 +109,11 @@ async def all_held(http: aiohttp.ClientSession, cluster: Cluster, count: int) ->
         return sum(counts) >= count
 
     await wait_until(held, 10.0, f"{count} held polls", interval=0.05)
+
+
+async def delete(http: aiohttp.ClientSession, base: str, task: str) -> tuple[int, JSON]:
+    async with http.delete(f"{base}/api/tasks/{task}") as response:
+        return response.status, await response.json()
 
 
 # --- fan-out across instances ---------------------------------------------------------------
@@ -147,18 +177,10 @@ async def test_twenty_writers_on_different_instances_get_gapless_versions_and_po
     cluster: Cluster, http: aiohttp.ClientSession
 ) -> None:
     task, writers = "gapless-20", 20
-
-    async def follow(instance: Instance) -> list[int]:
-        seen, version = [], 0
-        while version < writers:
-            code, state, _ = await poll(http, instance.url, task, since=version)
-            if code == 200:
-                assert state is not None
-                version = state["version"]
-                seen.append(version)
-        return seen
-
-    followers = [asyncio.create_task(follow(app)) for app in cluster.instances]
+    followers = [
+        asyncio.create_task(follow(http, app, task, until_version=writers))
+        for app in cluster.instances
+    ]
     results = await asyncio.gather(
         *(
             put(http, cluster.instances[n % 3].url, task, {"status": "in_progress", "progress": n})
@@ -167,7 +189,8 @@ async def test_twenty_writers_on_different_instances_get_gapless_versions_and_po
     )
     versions = sorted(body["version"] for code, body in results if code == 200)
     assert versions == list(range(1, writers + 1))
-    for seen in await asyncio.wait_for(asyncio.gather(*followers), 20):
+    for states in await asyncio.wait_for(asyncio.gather(*followers), 20):
+        seen = [state["version"] for state in states]
         assert seen == sorted(set(seen)), "a follower saw versions out of order"
         assert seen[-1] == writers
 
@@ -338,3 +361,130 @@ def test_nginx_refuses_to_start_on_a_port_another_process_listens_on(tmp_path: P
         with pytest.raises(RuntimeError, match="already taken"):
             nginx.start()
         assert not nginx.running
+
+
+# --- the task lifecycle across instances ------------------------------------------------------
+
+
+async def _held(http: aiohttp.ClientSession, app: Instance, kind: str) -> bool:
+    async with http.get(f"{app.url}/healthz") as response:
+        return bool((await response.json())["waiting"][kind] > 0)
+
+
+async def test_a_deletion_through_one_instance_reaches_polls_watches_and_streams_on_the_others(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    first, second, third = cluster.instances
+    _, created = await put(http, first.url, "doomed-x", {"status": "in_progress"})
+    async with http.get(f"{second.url}/api/watch") as response:
+        cursor = (await response.json())["cursor"]
+    held_poll = asyncio.create_task(poll(http, first.url, "doomed-x", since=1))
+
+    async def held_watch() -> JSON:
+        async with http.get(f"{second.url}/api/watch?since={cursor}&timeout=10") as response:
+            body: JSON = await response.json()
+            return body
+
+    watch = asyncio.create_task(held_watch())
+    sse = await http.get(f"{third.url}/api/tasks/doomed-x/events")
+    ws = await http.ws_connect(f"{second.url.replace('http', 'ws')}/api/ws")
+    try:
+        catch_up = [await sse.content.readline() for _ in range(2)]  # registered by now
+        assert catch_up[0] == b"id: 1\n" and catch_up[1].startswith(b"data: "), catch_up
+        assert "hello" in await ws.receive_json(timeout=5)
+        await ws.send_json({"subscribe": {"task": "doomed-x", "version": 1}})
+        assert await ws.receive_json(timeout=5) == {"subscribed": {"task": "doomed-x"}}
+        await wait_until(
+            lambda: _held(http, first, "polls"), 10.0, "the poll held on instance 1", interval=0.05
+        )
+        await wait_until(
+            lambda: _held(http, second, "watches"),
+            10.0,
+            "the watch held on instance 2",
+            interval=0.05,
+        )
+
+        status, tombstone = await delete(http, third.url, "doomed-x")
+        assert status == 200 and tombstone["version"] == created["version"] + 1
+
+        code, state, served_by = await held_poll
+        assert (code, state, served_by) == (200, tombstone, first.instance_id)
+        assert (await watch)["tasks"] == [tombstone]
+        async with asyncio.timeout(5):
+            line = b""
+            while not line.startswith(b"data: "):
+                line = await sse.content.readline()
+        assert json.loads(line.removeprefix(b"data: ")) == tombstone
+        assert await ws.receive_json(timeout=5) == {"state": tombstone}
+    finally:
+        sse.close()
+        await ws.close()
+
+
+async def test_delete_then_recreate_versions_strictly_increase_on_every_instance(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    task, last = "reborn-x", 5  # written, deleted, written, deleted, written
+    followers = [
+        asyncio.create_task(follow(http, app, task, until_version=last))
+        for app in cluster.instances
+    ]
+    await wait_until(
+        lambda: _held(http, cluster.instances[2], "polls"),
+        10.0,
+        "the followers held",
+        interval=0.05,
+    )
+    first, second, third = cluster.instances
+    assert (await put(http, first.url, task, {"status": "completed"}))[1]["version"] == 1
+    assert (await delete(http, second.url, task))[1]["version"] == 2
+    assert (await put(http, third.url, task, {"status": "in_progress"}))[1]["version"] == 3
+    assert (await delete(http, first.url, task))[1]["version"] == 4
+    assert (await put(http, second.url, task, {"progress": 5}))[1]["version"] == last
+    for seen in await asyncio.wait_for(asyncio.gather(*followers), 20):
+        versions = [state["version"] for state in seen]
+        assert versions == sorted(set(versions)), f"versions went back or repeated: {versions}"
+        assert all(state.get("deleted", False) == (state["version"] % 2 == 0) for state in seen)
+    for app in cluster.instances:
+        async with http.get(f"{app.url}/api/tasks/{task}") as response:
+            assert (await response.json())["version"] == last
+
+
+async def test_several_instances_sweeping_at_once_expire_each_task_once(
+    retaining_cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    cluster, count = retaining_cluster, 300
+    async with http.get(f"{cluster.url}/api/watch") as response:
+        cursor = (await response.json())["cursor"]
+    ids = [f"swept-{n}" for n in range(count)]
+    answers = await asyncio.gather(
+        *(
+            put(http, cluster.instances[n % 3].url, task, {"status": "completed"})
+            for n, task in enumerate(ids)
+        )
+    )
+    assert {code for code, _ in answers} == {200}
+    running = await put(http, cluster.url, "still-running", {"status": "in_progress"})
+
+    async def all_gone() -> bool:
+        async with http.get(f"{cluster.url}/api/tasks") as response:
+            listed = {state["task"] for state in (await response.json())["tasks"]}
+        return not listed & set(ids)
+
+    await wait_until(all_gone, 30, f"{count} finished tasks to expire", interval=0.05)
+    async with http.get(f"{cluster.url}/api/watch?since={cursor}") as response:
+        changes = (await response.json())["tasks"]
+    tombstones = {state["task"]: state for state in changes if state.get("deleted")}
+    assert set(tombstones) == set(ids)
+    assert {state["version"] for state in tombstones.values()} == {2}, "a task expired twice"
+    expired = 0
+    for app in cluster.instances:
+        async with http.get(f"{app.url}/metrics") as response:
+            for line in (await response.text()).splitlines():
+                if line.startswith("taskstatus_tasks_expired_total "):
+                    expired += int(float(line.split()[1]))
+    assert expired == count, "each task must be expired by exactly one sweep"
+    async with http.get(f"{cluster.url}/api/tasks/still-running") as response:
+        assert await response.json() == running[1]
+    due = int(cluster.redis.command("ZCARD", "taskstatus:due"))
+    assert due == count, "one purge time per tombstone"

@@ -99,6 +99,12 @@ def test_instance_id_defaults_to_host_name_and_port() -> None:
         (["--statuses=-x"], {}),
         (["--port=http"], {}),
         (["--unknown-flag"], {}),
+        ([], {"TERMINAL_STATUSES": "completed,archived"}),  # not a configured status
+        (["--statuses=queued,done", "--terminal-statuses=completed"], {}),
+        ([], {"TOMBSTONE_TTL": "100"}),  # below twice the default POLL_TIMEOUT_MAX of 55
+        (["--poll-timeout-max=100", "--tombstone-ttl=150"], {}),
+        (["--finished-task-ttl=-1"], {}),
+        (["--sweep-interval=120"], {}),
     ],
 )
 def test_invalid_settings_stop_with_a_usage_error(
@@ -121,6 +127,34 @@ def test_malformed_number_in_the_environment_is_a_usage_error_not_a_traceback(
         load_config([], env)
     assert exc.value.code == 2
     assert repr(next(iter(env.values()))) in capsys.readouterr().err  # names the bad value
+
+
+def test_lifecycle_settings_come_from_the_environment_and_flags() -> None:
+    env = {"FINISHED_TASK_TTL": "60", "TERMINAL_STATUSES": "done", "STATUSES": "queued,done"}
+    config = load_config(["--tombstone-ttl=200", "--sweep-interval=0"], env)
+    assert (config.finished_task_ttl, config.terminal_statuses) == (60, ("done",))
+    assert (config.tombstone_ttl, config.sweep_interval) == (200, 0.0)
+    defaults = load_config([], {})
+    assert (defaults.finished_task_ttl, defaults.tombstone_ttl) == (604800, 3600)
+    assert defaults.terminal_statuses == ("completed", "failed", "cancelled")
+    # The default terminal statuses are those of the three that are configured.
+    custom = load_config([], {"STATUSES": "pending,running,completed"})
+    assert custom.terminal_statuses == ("completed",)
+    assert load_config(["--finished-task-ttl=0"], {}).finished_task_ttl == 0  # keep forever
+
+
+def test_help_describes_the_lifecycle_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_config(["--help"], {})
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in (
+        "--finished-task-ttl",
+        "--terminal-statuses",
+        "--tombstone-ttl",
+        "--sweep-interval",
+    ):
+        assert flag in text
+    assert "604800" in text and "completed,failed,cancelled" in text
 
 
 # --- the app honours its config ---------------------------------------------------------------

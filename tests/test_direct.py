@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections import Counter
@@ -119,6 +120,26 @@ async def test_a_direct_answer_is_byte_for_byte_the_ordinary_one_and_keeps_the_c
     assert dict(headers)["ETag"] == '"3"'
     assert hub.direct_answers == 2
     direct[1].close()
+
+
+async def test_a_tombstone_is_answered_directly_byte_for_byte_as_the_ordinary_path_does(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client()
+    await put(client, "t", status="completed")
+    direct = await raw_poll(client, "t", 1)
+    ordinary = await raw_poll(client, "t", 1, extra="Connection: close\r\n")
+    await wait_for_waiters(client, 2)
+    deleted = await client.delete("/api/tasks/t")
+    status, direct_headers, direct_body = await read_answer(direct[0])
+    ordinary_status, ordinary_headers, ordinary_body = await read_answer(ordinary[0])
+    assert hub_of(client).direct_answers == 1
+    assert status == ordinary_status == "HTTP/1.1 200 OK"
+    assert direct_body == ordinary_body == await deleted.read()
+    assert comparable(direct_headers) == comparable(ordinary_headers)
+    assert json.loads(direct_body)["deleted"] is True
+    direct[1].close()
+    ordinary[1].close()
 
 
 async def test_a_burst_of_writes_answers_a_poll_once_with_the_first_change_above_it(

@@ -32,9 +32,13 @@ async def command_calls(redis: Redis) -> Counter[str]:
 async def test_one_update_to_2000_waiters_costs_one_serialization_and_no_redis_reads(
     aiohttp_client: AiohttpClient, redis_server: RedisServer
 ) -> None:
-    # No dashboard records (STATS_INTERVAL=0): their once-a-second script would show in the counts.
+    # No dashboard records (STATS_INTERVAL=0) and no retention sweeps (SWEEP_INTERVAL=0): their
+    # once-a-second scripts would show in the counts.
     config = Config(
-        redis_url=redis_server.url, redis_prefix=f"guard-{uuid.uuid4().hex}:", stats_interval=0
+        redis_url=redis_server.url,
+        redis_prefix=f"guard-{uuid.uuid4().hex}:",
+        stats_interval=0,
+        sweep_interval=0,
     )
     client = await aiohttp_client(create_app(config))
     hub = client.app[HUB]
@@ -42,11 +46,11 @@ async def test_one_update_to_2000_waiters_costs_one_serialization_and_no_redis_r
     redis = Redis.from_url(redis_server.url)
     connector = aiohttp.TCPConnector(limit=0)
     try:
-        # What an update of an existing task costs in Redis with nobody waiting (after a first
-        # write that creates it and loads the script).
+        # What an update of an existing task to a terminal status costs in Redis with nobody
+        # waiting (after a first write that creates it and loads the script).
         for _ in range(2):
             start = await command_calls(redis)
-            answer = await client.put("/api/tasks/alone", json={"status": "in_progress"})
+            answer = await client.put("/api/tasks/alone", json={"status": "completed"})
             assert answer.status == 200
             alone = await command_calls(redis) - start
         alone.pop("info", None)
@@ -74,7 +78,7 @@ async def test_one_update_to_2000_waiters_costs_one_serialization_and_no_redis_r
             assert registering == Counter(), f"polls at the known version read Redis: {registering}"
             serialized = hub.serializations
 
-            written = await client.put("/api/tasks/fanout", json={"status": "completed"})
+            written = await client.put("/api/tasks/fanout", json={"status": "failed"})
             answers = await asyncio.gather(*polls)
             after = await command_calls(redis)
     finally:

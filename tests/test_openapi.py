@@ -72,7 +72,7 @@ def operations_of(document: dict[str, Any]) -> set[tuple[str, str]]:
         (path, method.upper())
         for path, item in document["paths"].items()
         for method in item
-        if method in ("get", "head", "put", "post", "options")
+        if method in ("get", "head", "put", "post", "delete", "options")
     }
 
 
@@ -101,7 +101,7 @@ def test_document_is_valid_openapi_3_1_with_resolvable_references(
 def test_document_follows_the_configuration() -> None:
     default = build_openapi(config_of({}))
     assert "security" not in default["paths"]["/api/tasks/{task_id}"]["put"]
-    assert default["components"]["schemas"]["TaskState"]["properties"]["status"]["enum"] == [
+    assert default["components"]["schemas"]["LiveTaskState"]["properties"]["status"]["enum"] == [
         "pending",
         "in_progress",
         "completed",
@@ -234,6 +234,15 @@ async def test_answers_of_every_default_operation_conform(sampler_factory: Sampl
         big = padded_body(16 * 1024 + 1)
         await s.send(method, path, url, 413, data=big, headers={**JSON, **CLOSE})
         await s.send(method, path, url, 415, data=b"{}", headers={"Content-Type": "text/plain"})
+    await s.send("DELETE", task, "/api/tasks/gone", 404)
+    await s.send("PUT", task, "/api/tasks/gone", 200, json={"status": "completed"})
+    await s.send("DELETE", task, "/api/tasks/gone?expected_version=7", 409)
+    await s.send("DELETE", task, "/api/tasks/gone?expected_version=x", 400)
+    await s.send("DELETE", task, "/api/tasks/-a", 400)
+    await s.send("DELETE", task, "/api/tasks/..", 404)
+    await s.send("DELETE", task, "/api/tasks/gone?expected_version=1", 200)
+    await s.send("GET", task, "/api/tasks/gone", 200)
+    await s.send("GET", poll, "/api/tasks/gone/poll?since=1&timeout=0", 200)
     await s.send("GET", poll, "/api/tasks/a/poll?since=0&timeout=0", 200)
     await s.send("GET", poll, "/api/tasks/a/poll?since=2&timeout=0", 204)
     await s.send("GET", poll, "/api/tasks/a/poll?since=x", 400)
@@ -303,6 +312,10 @@ async def test_answers_with_tokens_required_conform(sampler_factory: SamplerFact
     await s.send("PUT", task, "/api/tasks/a", 403, json={"progress": 1}, headers=read_only)
     writer = bearer(token("tasks:write"))
     await s.send("PUT", task, "/api/tasks/a", 200, json={"progress": 1}, headers=writer)
+    await s.send("DELETE", task, "/api/tasks/a", 401)
+    await s.send("DELETE", task, "/api/tasks/a", 403, headers=read_only)  # reading is not deleting
+    await s.send("GET", task, "/api/tasks/a", 200, headers=read_only)  # still there
+    await s.send("DELETE", task, "/api/tasks/a", 200, headers=writer)
     await s.send("GET", OPENAPI_PATH, OPENAPI_PATH, 200)
 
 

@@ -22,6 +22,7 @@ import jsonschema_rs
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from deploy.cluster import Instance, RedisServer
 from service.config import Config
@@ -479,3 +480,100 @@ def test_any_task_id_in_a_path_or_a_watch_is_parsed_as_documented(
     watched = ",".join(ids)
     status, _ = live.request("GET", f"/api/watch?tasks={query(watched)}&timeout=0")
     assert status == (200 if all(is_task_id(part) for part in watched.split(",")) else 400)
+
+
+# --- the model of a task's life, against a live instance --------------------------------------
+
+
+class TaskLife(RuleBasedStateMachine):
+    """Writes, deletions and recreations of a few tasks, each checked against a model: a task
+    never written reads at version 0; every write and every deletion is the next version; a
+    deleted task reads as its tombstone and is not listed; a write after it starts from a fresh
+    state at the tombstone's version + 1; refused requests change nothing."""
+
+    server: Http  # set by the test: the live instance of its backend
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.server
+        run = uuid.uuid4().hex[:8]
+        self.ids = [f"life-{run}-{n}" for n in range(3)]
+        self.model = {task: TaskState(task, DEFAULT_STATUSES[0]).to_dict() for task in self.ids}
+
+    def _exists(self, task: str) -> bool:
+        state = self.model[task]
+        return state["version"] > 0 and not state.get("deleted")
+
+    @rule(
+        index=st.integers(0, 2),
+        body=valid_bodies.filter(
+            lambda body: bool(body.keys() & {"status", "progress", "message"})
+        ),
+        expected=st.sampled_from(["none", "current", "stale"]),
+    )
+    def write(self, index: int, body: dict[str, Any], expected: str) -> None:
+        task = self.ids[index]
+        current = self.model[task]
+        body = {k: v for k, v in body.items() if k != "expected_version"}  # (a copy: drawn data)
+        if expected != "none":
+            body["expected_version"] = current["version"] + (expected == "stale")
+        status, answer = self.live.request(
+            "PUT", f"/api/tasks/{task}", json.dumps(body).encode(), "application/json"
+        )
+        if expected == "stale":
+            assert status == 409, answer
+            assert json.loads(answer)["current"] == current
+            return
+        assert status == 200, answer
+        state = json.loads(answer)
+        base = current if self._exists(task) else TaskState(task, DEFAULT_STATUSES[0]).to_dict()
+        fields: dict[str, Any] = {
+            name: body[name] for name in ("status", "progress", "message") if name in body
+        }
+        assert state == {
+            **base,
+            **fields,
+            "version": current["version"] + 1,
+            "updated_at": state["updated_at"],
+        }
+        self.model[task] = state
+
+    @rule(index=st.integers(0, 2), expected=st.sampled_from(["none", "current", "stale"]))
+    def delete(self, index: int, expected: str) -> None:
+        task = self.ids[index]
+        current = self.model[task]
+        query = ""
+        if expected != "none":
+            query = f"?expected_version={current['version'] + (expected == 'stale')}"
+        status, answer = self.live.request("DELETE", f"/api/tasks/{task}{query}")
+        if not self._exists(task):
+            assert status == 404 and json.loads(answer)["error"]["code"] == "task_not_found"
+        elif expected == "stale":
+            assert status == 409 and json.loads(answer)["current"] == current
+        else:
+            assert status == 200, answer
+            tombstone = json.loads(answer)
+            assert tombstone == {
+                "task": task,
+                "status": None,
+                "version": current["version"] + 1,
+                "updated_at": tombstone["updated_at"],
+                "progress": None,
+                "message": None,
+                "deleted": True,
+            }
+            self.model[task] = tombstone
+
+    @invariant()
+    def reads_match_the_model(self) -> None:
+        for task in self.ids:
+            assert self.live.json(f"/api/tasks/{task}") == self.model[task]
+        listed = {state["task"] for state in self.live.json("/api/tasks")["tasks"]}
+        assert listed & set(self.ids) == {task for task in self.ids if self._exists(task)}
+
+
+def test_writes_deletes_and_recreations_follow_the_model(live: Http) -> None:
+    TaskLife.server = live
+    run_state_machine_as_test(
+        TaskLife, settings=settings(BASE, max_examples=15, stateful_step_count=15)
+    )

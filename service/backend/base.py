@@ -3,6 +3,12 @@
 A backend owns the truth (states, versions, the change stream) and delivers every change, its own
 writes and those of other instances, to a ``ChangeSink`` (the hub) once ``start`` returns. It knows
 nothing of HTTP.
+
+A task's life: written (created by its first write), deleted (``delete``, or by ``sweep`` once it
+is finished and ``Retention.finished_ttl`` passed without a write), which leaves a tombstone that
+every watcher receives as a change; a write after that continues from the tombstone's version.
+``sweep`` also purges tombstones older than ``Retention.tombstone_ttl``: the task then reads as
+never written. Each store keeps the due times it needs for this (no scan of all tasks).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Protocol
 
 from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
-from ..model import Cursor, TaskState, TaskUpdate, WatchBatch
+from ..model import DEFAULT_TERMINAL_STATUSES, Cursor, TaskState, TaskUpdate, WatchBatch
 
 
 class ChangeSink(Protocol):
@@ -30,6 +36,10 @@ class TaskLimitReached(Exception):
     """The write would create a task beyond the store's cap; nothing was written."""
 
 
+class TaskNotFound(Exception):
+    """The task to delete does not exist (never written, or already deleted); nothing changed."""
+
+
 class VersionConflict(Exception):
     """``expected_version`` did not match; nothing was written."""
 
@@ -44,16 +54,42 @@ class WriteResult:
     state: TaskState
 
 
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long tasks and tombstones are kept (config: FINISHED_TASK_TTL, TERMINAL_STATUSES,
+    TOMBSTONE_TTL), in seconds; ``finished_ttl`` 0 keeps finished tasks forever."""
+
+    finished_ttl: int = 7 * 24 * 3600
+    terminal_statuses: tuple[str, ...] = DEFAULT_TERMINAL_STATUSES
+    tombstone_ttl: int = 3600
+
+    def expires(self, state: TaskState) -> bool:
+        """Whether ``state`` is finished and will be deleted once ``finished_ttl`` passes."""
+        return bool(self.finished_ttl) and state.status in self.terminal_statuses
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """What one ``sweep`` did: tasks it deleted as expired, tombstones it purged, and whether
+    more were due than the batch took."""
+
+    expired: int
+    purged: int
+    more: bool
+
+
 class Backend(ABC):
     def __init__(
         self,
         statuses: tuple[str, ...],
         max_tasks: int,
         history_length: int = DEFAULT_HISTORY_LENGTH,
+        retention: Retention | None = None,
     ) -> None:
         self.statuses = statuses
         self.max_tasks = max_tasks
         self.history_length = history_length
+        self.retention = retention or Retention()
 
     @abstractmethod
     async def start(self, sink: ChangeSink) -> None:
@@ -80,7 +116,7 @@ class Backend(ABC):
 
     @abstractmethod
     async def list_tasks(self) -> list[TaskState]:
-        """Every task that was ever written, oldest change first."""
+        """Every live task (written and not deleted), oldest change first."""
 
     @abstractmethod
     async def write(
@@ -89,6 +125,29 @@ class Backend(ABC):
         """Apply ``update`` atomically: version + 1 and an entry in the task's history, naming
         ``subject`` (who wrote); or ``VersionConflict`` or ``TaskLimitReached`` (a new task beyond
         ``max_tasks``) and no change."""
+
+    async def delete(self, task_id: str, expected_version: int | None = None) -> TaskState:
+        """Delete a live task atomically: its tombstone (version + 1) replaces it, its history
+        goes, and every watcher gets the tombstone as a change. ``TaskNotFound`` for a task never
+        written or already deleted, ``VersionConflict`` if ``expected_version`` is not its
+        version; then nothing changes."""
+        tombstone = await self._delete(task_id, expected_version)
+        self.deleted += 1
+        return tombstone
+
+    @abstractmethod
+    async def _delete(self, task_id: str, expected_version: int | None) -> TaskState: ...
+
+    async def sweep(self, limit: int) -> SweepResult:
+        """Delete up to ``limit`` tasks (and purge tombstones) whose time has come, in one atomic
+        step. Any number of instances may sweep at once: each task goes once."""
+        result = await self._sweep(limit)
+        self.expired += result.expired
+        self.purged += result.purged
+        return result
+
+    @abstractmethod
+    async def _sweep(self, limit: int) -> SweepResult: ...
 
     @abstractmethod
     async def history(self, task_id: str) -> list[HistoryEntry]:
@@ -107,6 +166,9 @@ class Backend(ABC):
 
     reconnects = 0  # times the change subscription came back after it dropped
     errors = 0  # calls to the store that failed
+    deleted = 0  # tasks deleted through this instance (DELETE)
+    expired = 0  # finished tasks this instance's sweeps deleted
+    purged = 0  # tombstones this instance's sweeps removed
     not_replicated = 0  # writes the primary took that too few replicas confirmed in time
 
     @property
@@ -122,7 +184,7 @@ class Backend(ABC):
     @abstractmethod
     async def share_stats(self, instance_id: str, record: str, ttl: float) -> SharedStats:
         """Store ``record`` as ``instance_id``'s stats for ``ttl`` seconds, and read back every
-        live instance's record (this one's included) and the number of tasks in the store."""
+        live instance's record (this one's included) and the number of live tasks in the store."""
 
     @abstractmethod
     async def withdraw_stats(self, instance_id: str) -> None:

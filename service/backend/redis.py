@@ -7,19 +7,28 @@ Key layout (``prefix`` defaults to ``taskstatus:``):
 - ``{prefix}seq``        the global change counter
 - ``{prefix}epoch``      a random id of this data set; a new one tells watchers to resnapshot
 - ``{prefix}history:{id}`` list: the task's last changes as JSON, newest first, trimmed by the write
-- channel ``{prefix}changes``: one message per write, ``{"epoch", "seq", "state"}``
+- ``{prefix}live``       the number of live tasks (not tombstones): what ``MAX_TASKS`` counts
+- ``{prefix}due``        sorted set: task id -> when the sweep is to look at it (ms): a finished
+  task's expiry (``FINISHED_TASK_TTL`` after its last write) or a tombstone's purge
+- a tombstone is a task hash with ``deleted`` = 1, expiring after ``TOMBSTONE_TTL``
+- channel ``{prefix}changes``: one message per change, ``{"epoch", "seq", "state"}``; and one per
+  sweep batch that purged tombstones, ``{"epoch", "forget": [ids]}``
 - ``{prefix}instances``  sorted set: instance id -> expiry of its stats record (dashboard.py)
 - ``{prefix}instance:{id}`` the instance's stats record, expiring unless renewed (``lua/stats.lua``)
 
-Writes are one Lua script (``lua/write.lua``). The reader task subscribes, then re-reads every task
-that has waiters and the newest change, so whatever was published while it was not subscribed still
-reaches its waiters; only then does the instance report ready. It reconnects forever, with backoff.
+Writes, deletions and each batch of the retention sweep are one Lua script each (``lua/write.lua``,
+``lua/delete.lua``, ``lua/sweep.lua``, with ``lua/common.lua`` in front of each). The reader task
+subscribes, then re-reads every task that has waiters and the newest change, so whatever was
+published while it was not subscribed still reaches its waiters; only then does the instance
+report ready. It reconnects forever, with backoff.
 
 With Sentinel (``sentinel.py``) the primary is found and followed there: when it moves, the client
 and the subscription move with it (the old client is closed, which cuts the subscription, and the
-reader resubscribes on the new primary and resyncs). With ``min_replicas`` a write is acknowledged
+reader resubscribes on the new primary and resyncs). With ``min_replicas`` a change is acknowledged
 only once that many replicas have it: the script and a ``WAIT`` go in one pipeline, over one
-connection, since ``WAIT`` counts the writes of the connection that sends it.
+connection, since ``WAIT`` counts the writes of the connection that sends it; the scripts then
+publish nothing, and the instance publishes the change once it is replicated. Reads wait for the
+replicas too (``_confirm_reads``): nobody is shown what a failover could take back.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import json
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +62,11 @@ from ..model import UNSET, Cursor, TaskState, TaskUpdate, WatchBatch, initial_st
 from .base import (
     Backend,
     ChangeSink,
+    Retention,
     SharedStats,
+    SweepResult,
     TaskLimitReached,
+    TaskNotFound,
     VersionConflict,
     WriteResult,
 )
@@ -69,6 +82,12 @@ RECONNECT_BASE, RECONNECT_CAP = 0.05, 2.0  # seconds, exponential backoff with f
 HEALTH_CHECK_INTERVAL = 5  # seconds of silence before the subscriber PINGs Redis
 _EPOCH_RANDOM = random.Random()
 POOL_SIZE = 64  # connections to Redis, the subscriber's one among them
+# Task states an instance keeps to let re-polls wait without a read (``peek``), the most recently
+# changed first: held polls are at most MAX_HELD_POLLS (20,000) per instance, mostly on far fewer
+# tasks. Kept for every task (up to MAX_TASKS), 100,000 tasks created and expired left each
+# instance +28 MiB of RSS for good (make soak-expiry: freed, but the allocator's arenas stay
+# pinned by the objects made later); 10,000 keep the peak a tenth of that.
+KNOWN_KEPT = 10_000
 
 
 # Replies of a node that is not (or no longer) a primary that may take writes: expected while
@@ -90,6 +109,8 @@ class _Primary:
 
     redis: Redis
     write: AsyncScript
+    delete: AsyncScript
+    sweep: AsyncScript
     changes: AsyncScript
     stats: AsyncScript
 
@@ -114,9 +135,16 @@ def _consume_outcome(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def parse_change(data: bytes) -> Change:
+def parse_message(data: bytes) -> Change | list[str]:
+    """A message of the channel: a change, or the ids of purged tombstones to forget."""
     message = json.loads(data)
+    if "forget" in message:
+        return [str(task_id) for task_id in message["forget"]]
     return Change(TaskState.from_dict(message["state"]), Cursor(message["epoch"], message["seq"]))
+
+
+def _script(*names: str) -> str:
+    return "".join((_LUA / name).read_text() for name in names)
 
 
 def _new_epoch() -> str:
@@ -137,12 +165,13 @@ class RedisBackend(Backend):
         url: str = "",
         prefix: str,
         history_length: int = DEFAULT_HISTORY_LENGTH,
+        retention: Retention | None = None,
         sentinel: SentinelSettings | None = None,
         password: str = "",
         min_replicas: int = 0,
         replication_timeout_ms: int = 500,
     ) -> None:
-        super().__init__(statuses, max_tasks, history_length)
+        super().__init__(statuses, max_tasks, history_length, retention)
         self._url = url
         self._password = password
         self.min_replicas = min_replicas
@@ -153,6 +182,9 @@ class RedisBackend(Backend):
         self._seq_key = f"{prefix}seq"
         self._epoch_key = f"{prefix}epoch"
         self._instances_key = f"{prefix}instances"
+        self._live_key = f"{prefix}live"
+        self._due_key = f"{prefix}due"
+        self._terminal = "," + ",".join(self.retention.terminal_statuses) + ","
         self._barrier_key = f"{prefix}barrier"  # written by read barriers (_confirm_reads)
         self._follower = PrimaryFollower(sentinel, self._switch_primary) if sentinel else None
         self._following: asyncio.Task[None] | None = None
@@ -163,10 +195,11 @@ class RedisBackend(Backend):
         self._live = asyncio.Event()
         self._moved = asyncio.Event()  # set when the primary moves: the reader reconnects now
         self._closing = False
-        # The newest state of each task seen since the subscription went live (messages, reads):
-        # lets a re-poll at the current version wait without a Redis read. Emptied whenever the
-        # subscription drops, since messages may be missed from then until the resync.
-        self._known: dict[str, TaskState] = {}
+        # The newest state of the KNOWN_KEPT tasks most recently changed or read since the
+        # subscription went live (messages, reads): lets a re-poll at the current version wait
+        # without a Redis read. Emptied whenever the subscription drops, since messages may be
+        # missed from then until the resync.
+        self._known: OrderedDict[str, TaskState] = OrderedDict()
         self._known_epoch = ""
         self._generation = 0  # bumped on every drop: a read begun before it must not be kept
 
@@ -193,10 +226,18 @@ class RedisBackend(Backend):
         redis = Redis(connection_pool=pool)
         return _Primary(
             redis,
-            redis.register_script((_LUA / "write.lua").read_text()),
-            redis.register_script((_LUA / "changes.lua").read_text()),
-            redis.register_script((_LUA / "stats.lua").read_text()),
+            redis.register_script(_script("common.lua", "write.lua")),
+            redis.register_script(_script("common.lua", "delete.lua")),
+            redis.register_script(_script("common.lua", "sweep.lua")),
+            redis.register_script(_script("changes.lua")),
+            redis.register_script(_script("stats.lua")),
         )
+
+    @property
+    def _published_on(self) -> str:
+        """The channel a script publishes its changes on; none ('') when they are published
+        only once replicated (``_change``)."""
+        return "" if self.min_replicas else self._channel
 
     @property
     def _redis(self) -> Redis:
@@ -335,7 +376,11 @@ class RedisBackend(Backend):
             if message is not None:
                 heard, pinged = now, None
                 if message["type"] == "message":
-                    self._publish(parse_change(message["data"]))
+                    parsed = parse_message(message["data"])
+                    if isinstance(parsed, Change):
+                        self._publish(parsed)
+                    else:
+                        self._forget_purged(parsed)
             elif pinged is not None:
                 if now - pinged > SOCKET_TIMEOUT:
                     raise RedisTimeoutError(f"no answer to a PING in {now - pinged:.1f} s")
@@ -352,12 +397,22 @@ class RedisBackend(Backend):
             self._sink.publish(change)
 
     def _remember(self, state: TaskState) -> None:
+        """Keep ``state`` if it is the newest seen. Tombstones too, until they are purged (a
+        ``forget`` message): else an older state read before the deletion could come back."""
         known = self._known.get(state.task)
         if known is None:
-            if state.version > 0 and len(self._known) < self.max_tasks:
+            if state.version > 0:
                 self._known[state.task] = state
-        elif state.version > known.version:
+                if len(self._known) > KNOWN_KEPT:
+                    self._known.popitem(last=False)  # a poll of it reads Redis once, then peeks
+        elif state.supersedes(known):
             self._known[state.task] = state
+            self._known.move_to_end(state.task)
+
+    def _forget_purged(self, task_ids: list[str]) -> None:
+        """Tombstones purged: those tasks read as never written now."""
+        for task_id in task_ids:
+            self._known.pop(task_id, None)
 
     def _forget(self) -> None:
         self._live.clear()
@@ -447,8 +502,10 @@ class RedisBackend(Backend):
         if raw is None:
             return initial_state(task_id, self.statuses)
         state = TaskState.from_dict(json.loads(raw))
-        if self._live.is_set() and generation == self._generation:
-            self._remember(state)  # read while subscribed: any later write reaches us
+        # Read while subscribed: any later write reaches us. Not a tombstone: read just before
+        # its purge, it would stay after the purge's forget message.
+        if self._live.is_set() and generation == self._generation and not state.deleted:
+            self._remember(state)
         return state
 
     async def list_tasks(self) -> list[TaskState]:
@@ -459,55 +516,72 @@ class RedisBackend(Backend):
     ) -> tuple[list[str], list[str]]:
         """The write script's keys and arguments for ``update`` of ``task_id`` by ``subject``."""
         expected = "" if update.expected_version is None else str(update.expected_version)
-        keys = [self._task_key(task_id), self._index_key, self._seq_key, self._epoch_key]
-        keys.append(self._history_key(task_id))
+        keys = self._task_keys(task_id)
         args = [
             task_id,
             self.statuses[0],
             expected,
             _new_epoch(),
-            "" if self.min_replicas else self._channel,  # published once replicated
+            self._published_on,
             *_field_args(update.status),
             *_field_args(update.progress),
             *_field_args(update.message),
             str(self.max_tasks),
             str(self.history_length),
             subject or "",
+            str(self.retention.finished_ttl * 1000),
+            self._terminal,
         ]
         return keys, args
+
+    def _task_keys(self, task_id: str) -> list[str]:
+        """The keys a script that changes ``task_id`` touches (write.lua, delete.lua)."""
+        return [
+            self._task_key(task_id),
+            self._index_key,
+            self._seq_key,
+            self._epoch_key,
+            self._history_key(task_id),
+            self._live_key,
+            self._due_key,
+        ]
 
     async def write(
         self, task_id: str, update: TaskUpdate, subject: str | None = None
     ) -> WriteResult:
         keys, args = self.write_call(task_id, update, subject)
-        outcome, *rest = await self._call(self._replicated_write(keys, args), shielded=False)
+        change = self._change(lambda primary: primary.write, keys, args, kept=3)
+        outcome, *rest = await self._call(change, shielded=False)
         if outcome == b"conflict":
             raise VersionConflict(TaskState.from_dict(json.loads(rest[0])))
         if outcome == b"task_limit":
             raise TaskLimitReached
-        previous_status, state_json, _message = rest
+        previous_status, state_json = rest
         state = TaskState.from_dict(json.loads(state_json))
         previous = TaskState(task_id, previous_status.decode(), version=state.version - 1)
         return WriteResult(previous=previous, state=state)
 
-    async def _replicated_write(self, keys: list[str], args: list[str]) -> Any:
-        """The write script's reply, once ``min_replicas`` replicas have the write; only then
-        is it published (the script leaves that to us when ``min_replicas`` is set).
+    async def _change(
+        self, script: Callable[[_Primary], AsyncScript], keys: list[str], args: list[str], kept: int
+    ) -> list[Any]:
+        """Run a script that changes tasks (write, delete, a sweep batch); its reply's first
+        ``kept`` elements, once ``min_replicas`` replicas have what it changed.
 
         The script and ``WAIT`` go in one pipeline, so over one connection: ``WAIT`` counts the
-        replication of the writes its own connection made. A refused write (a conflict, the task
-        limit) has nothing to replicate, and is answered as it is."""
+        replication of the writes its own connection made. With ``min_replicas`` the script
+        publishes nothing and returns its messages after the ``kept`` elements; they are published
+        here, once replicated. A refused change (a conflict, the task limit) has none."""
         primary = self._current()
         if not self.min_replicas:
-            return await primary.write(keys=keys, args=args)
+            reply: list[Any] = await script(primary)(keys=keys, args=args)
+            return reply
         try:
-            reply = await self._replicated(primary, lambda pipe: primary.write(keys, args, pipe))
+            reply = await self._replicated(primary, lambda pipe: script(primary)(keys, args, pipe))
         except NotReplicated:
             self.not_replicated += 1
             raise
-        if reply[0] == b"ok":
-            await self._announce(primary, [reply[-1]])
-        return reply
+        await self._announce(primary, reply[kept:])
+        return reply[:kept]
 
     async def _replicated(
         self, primary: _Primary, queue: Callable[[Pipeline], Awaitable[Any]]
@@ -564,6 +638,32 @@ class RedisBackend(Backend):
                 raise BackendUnavailable(f"no replica to confirm the read ({exc})") from exc
             raise
 
+    async def _delete(self, task_id: str, expected_version: int | None) -> TaskState:
+        expected = "" if expected_version is None else str(expected_version)
+        args = [task_id, expected, _new_epoch(), self._published_on]
+        args.append(str(self.retention.tombstone_ttl * 1000))
+        change = self._change(lambda primary: primary.delete, self._task_keys(task_id), args, 2)
+        outcome, *rest = await self._call(change, shielded=False)
+        if outcome == b"not_found":
+            raise TaskNotFound
+        state = TaskState.from_dict(json.loads(rest[0]))
+        if outcome == b"conflict":
+            raise VersionConflict(state)
+        return state
+
+    async def _sweep(self, limit: int) -> SweepResult:
+        keys = [self._due_key, self._index_key, self._seq_key, self._epoch_key, self._live_key]
+        args = [self._task_key(""), self._history_key(""), _new_epoch(), self._published_on]
+        args.append(str(limit))
+        args += [
+            str(self.retention.tombstone_ttl * 1000),
+            self._terminal,
+            str(self.retention.finished_ttl * 1000),
+        ]
+        change = self._change(lambda primary: primary.sweep, keys, args, kept=3)
+        expired, purged, more = await self._call(change)
+        return SweepResult(int(expired), int(purged), bool(more))
+
     async def history(self, task_id: str) -> list[HistoryEntry]:
         if not self.history_length:
             return []
@@ -589,7 +689,7 @@ class RedisBackend(Backend):
 
     async def share_stats(self, instance_id: str, record: str, ttl: float) -> SharedStats:
         ttl_ms = round(ttl * 1000)
-        keys = [self._instances_key, self._index_key]
+        keys = [self._instances_key, self._live_key, self._index_key]
         args = [self._instance_key(""), instance_id, record, str(ttl_ms)]
         tasks, *found = await self._call(self._current().stats(keys=keys, args=args))
         records = [

@@ -3,6 +3,16 @@
 // innerHTML, so a message like "<script>…" is shown as text and never parsed.
 
 const byId = new Intl.Collator(undefined, { numeric: true });
+// Tombstones remembered per board, so a change older than a deletion never brings a card back.
+const GONE_KEPT = 1000;
+
+// Whether a change to `state` is news to a board that has `known`: a higher version, or, after a
+// tombstone, the task written anew once the tombstone was purged (its versions start again at 1,
+// but it was written later). The service's rule too (TaskState.supersedes).
+export function supersedes(state, known) {
+  if (state.version > known.version) return true;
+  return Boolean(known.deleted && !state.deleted && (state.updated_at ?? "") > (known.updated_at ?? ""));
+}
 
 export class Board {
   // container: where cards go. defaultState: the state of the default task when it was never
@@ -18,20 +28,22 @@ export class Board {
     this.onStatusChange = onStatusChange;
     this.states = new Map();
     this.cards = new Map();
+    this.gone = new Map(); // id -> tombstone of a task deleted while this board showed it
   }
 
-  // A snapshot: it replaces the whole board (tasks it lacks are gone, e.g. after a store reset).
+  // A snapshot: it replaces the whole board (tasks it lacks are gone, e.g. after a store reset or
+  // a deletion). The default task is shown when it was never written, not when it was deleted.
   replaceAll(states) {
     const incoming = new Map(states.map((state) => [state.task, state]));
-    if (this.defaultState && !incoming.has(this.defaultState.task)) {
-      incoming.set(this.defaultState.task, this.defaultState);
+    const defaultId = this.defaultState?.task;
+    const defaultGone = this.gone.get(defaultId);
+    this.gone.clear();
+    if (defaultGone && !incoming.has(defaultId)) this.gone.set(defaultId, defaultGone);
+    if (this.defaultState && !incoming.has(defaultId) && !defaultGone) {
+      incoming.set(defaultId, this.defaultState);
     }
-    for (const [id, card] of this.cards) {
-      if (!incoming.has(id)) {
-        card.remove();
-        this.cards.delete(id);
-        this.states.delete(id);
-      }
+    for (const id of [...this.cards.keys()]) {
+      if (!incoming.has(id)) this.#remove(id);
     }
     for (const state of incoming.values()) this.#show(state, { force: true });
     this.#updateCount();
@@ -45,7 +57,7 @@ export class Board {
   }
 
   state(id) {
-    return this.states.get(id);
+    return this.states.get(id) ?? this.gone.get(id);
   }
 
   // Put the selector back to the state we know is true (after a failed write).
@@ -76,12 +88,25 @@ export class Board {
   }
 
   #show(state, { force }) {
-    const known = this.states.get(state.task);
-    if (known && !force && state.version <= known.version) return;
+    const known = this.states.get(state.task) ?? this.gone.get(state.task);
+    if (known && !force && !supersedes(state, known)) return;
+    if (state.deleted) {
+      this.#remove(state.task);
+      this.gone.set(state.task, state);
+      if (this.gone.size > GONE_KEPT) this.gone.delete(this.gone.keys().next().value);
+      return;
+    }
+    this.gone.delete(state.task);
     const card = this.cards.get(state.task) ?? this.#create(state.task);
     this.states.set(state.task, state);
     this.#fill(card, state);
     if (known && known.version !== state.version) flash(card);
+  }
+
+  #remove(id) {
+    this.cards.get(id)?.remove();
+    this.cards.delete(id);
+    this.states.delete(id);
   }
 
   #create(id) {

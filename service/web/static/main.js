@@ -1,6 +1,6 @@
 // Page wiring: reads the config the server put in data- attributes, starts one long poll for the
 // tab (or a stream: ?transport=sse|ws), and turns the user's actions (status selector, create
-// form) into PUTs.
+// form, delete button) into PUTs and DELETEs.
 import { TokenPanel, authHeaders, isRefusal, refusalText, takeTokenFromAddress } from "./auth.js";
 import { Board } from "./board.js";
 import { HistoryList } from "./history.js";
@@ -63,11 +63,24 @@ const taskHistory =
 // --- writes -----------------------------------------------------------------------------------
 
 // PUT a change; answers { ok, status, body, retryAfter }, or throws on a network error.
-async function putTask(id, update) {
-  const response = await fetch(`/api/tasks/${encodeURIComponent(id)}`, {
-    method: "PUT",
-    headers: { "Content-Type": "application/json", Accept: "application/json", ...authHeaders() },
-    body: JSON.stringify(update),
+function putTask(id, update) {
+  return send("PUT", `/api/tasks/${encodeURIComponent(id)}`, update);
+}
+
+// DELETE a task, if it is still at `version`.
+function deleteTask(id, version) {
+  return send("DELETE", `/api/tasks/${encodeURIComponent(id)}?expected_version=${version}`);
+}
+
+async function send(method, url, update) {
+  const response = await fetch(url, {
+    method,
+    headers: {
+      ...(update === undefined ? {} : { "Content-Type": "application/json" }),
+      Accept: "application/json",
+      ...authHeaders(),
+    },
+    body: update === undefined ? undefined : JSON.stringify(update),
     // A write is answered at once; without a limit a hung server would leave the selector
     // disabled for good.
     signal: AbortSignal.timeout(WRITE_TIMEOUT_MS),
@@ -149,7 +162,12 @@ function setUpCreateForm() {
     button.disabled = true;
     try {
       // expected_version 0: create only; an existing task is reported, not overwritten.
-      const result = await putTask(id, { status: statusSelect.value, expected_version: 0 });
+      let result = await putTask(id, { status: statusSelect.value, expected_version: 0 });
+      const current = result.body?.current;
+      if (result.status === 409 && current?.deleted) {
+        // A deleted task is created anew from its tombstone's version: versions never go back.
+        result = await putTask(id, { status: statusSelect.value, expected_version: current.version });
+      }
       if (result.ok) {
         board.merge([result.body]);
         board.highlight(id);
@@ -198,12 +216,59 @@ function taskSource(id) {
         : `${base}/poll?since=${version}&timeout=${config.holdSeconds}`;
     },
     accept(state) {
-      // Taken as is, even if older: the version moves back only when the store was reset.
+      // Taken as is, even if older: the version moves back only when the store was reset (or a
+      // deleted task's tombstone was purged).
       version = state.version;
-      board.replaceAll([state]);
-      taskHistory?.refresh();
+      showTask(state);
     },
   };
+}
+
+// The task page: its card, or the note that it was deleted; the delete button while it exists.
+function showTask(state) {
+  board.replaceAll([state]);
+  taskHistory?.refresh();
+  document.getElementById("task-deleted").hidden = !state.deleted;
+  document.getElementById("delete-task").disabled = Boolean(state.deleted) || state.version === 0;
+}
+
+function setUpDeleteButton() {
+  const button = document.getElementById("delete-task");
+  if (!button) return;
+  const error = document.getElementById("delete-error");
+  const id = config.taskId;
+
+  function showDeleteError(text) {
+    error.textContent = text;
+    error.hidden = !text;
+  }
+
+  button.addEventListener("click", async () => {
+    const state = board.state(id);
+    if (!state || state.deleted) return;
+    const question = `Delete the task “${id}”? Every page that shows it will see it go.`;
+    if (!window.confirm(question)) return;
+    showDeleteError("");
+    button.disabled = true;
+    try {
+      // expected_version: delete what the user saw, not a change made meanwhile elsewhere.
+      const result = await deleteTask(id, state.version);
+      if (result.ok) {
+        showTask(result.body);
+      } else if (result.status === 409 && result.body?.current) {
+        showTask(result.body.current);
+        showDeleteError("Not deleted: the task was changed elsewhere meanwhile; look again.");
+      } else if (result.status === 404) {
+        showDeleteError("Not deleted: the task does not exist (any more).");
+      } else {
+        showDeleteError(failureText(result).replace("Not saved", "Not deleted"));
+      }
+    } catch {
+      showDeleteError("Not deleted: no answer from the server.");
+    } finally {
+      button.disabled = Boolean(board.state(id)?.deleted);
+    }
+  });
 }
 
 // Tabs of this browser that show the same thing share one request: one tab polls, the others
@@ -262,4 +327,5 @@ window.addEventListener("pageshow", (event) => {
 });
 
 setUpCreateForm();
+setUpDeleteButton();
 poll.start();

@@ -1,0 +1,25 @@
+-- Delete one task as a single atomic step: check that it lives and its expected version, then
+-- replace it by its tombstone (version + 1), which is published like any change.
+-- (common.lua is in front of this text.)
+--
+-- KEYS[1] task hash   KEYS[2] change index   KEYS[3] global change counter   KEYS[4] epoch
+-- KEYS[5] task history   KEYS[6] live task counter   KEYS[7] due (zset)
+-- ARGV[1] task id   ARGV[2] expected version ('' = any)   ARGV[3] epoch to use if none is set
+-- ARGV[4] channel ('' = the caller publishes)   ARGV[5] ms the tombstone is kept
+-- Returns {'ok', tombstone JSON, unpublished messages...}, {'not_found'} (never written, or deleted) or
+-- {'conflict', current state JSON}.
+local store = {index = KEYS[2], seq = KEYS[3], epoch_key = KEYS[4], epoch = ARGV[3],
+  channel = ARGV[4], live = KEYS[6], due = KEYS[7], messages = {}}
+
+local raw = redis.call('HGET', KEYS[1], 'state')
+if not raw then
+  return {'not_found'}
+end
+local state = cjson.decode(raw)
+if state.deleted == true then
+  return {'not_found'}
+end
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= state.version then
+  return {'conflict', raw}
+end
+return reply(store, 'ok', bury(store, KEYS[1], KEYS[5], ARGV[1], state, tonumber(ARGV[5])))
