@@ -22,6 +22,7 @@ class ReplyDroppingProxy:
         self.dropped = asyncio.Event()  # set once a reply was thrown away
         self._armed = False
         self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -32,6 +33,15 @@ class ReplyDroppingProxy:
         self.dropped.clear()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        try:
+            await self._pump(client_r, client_w)
+        finally:
+            self._handlers.discard(handler)
+
+    async def _pump(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         redis_r, redis_w = await asyncio.open_connection(HOST, self.redis_port)
 
         swallowing = False  # the next bytes from Redis are the reply to drop
@@ -53,14 +63,17 @@ class ReplyDroppingProxy:
                 await client_w.drain()
 
         pumps = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for pump in pumps:
-            pump.cancel()
-        for writer in (client_w, redis_w):
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        finally:  # also when the proxy stops: every socket it opened is closed
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for writer in (client_w, redis_w):  # both first: a cancelled wait skips no close
+                writer.close()
+            for writer in (client_w, redis_w):
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ReplyDroppingProxy]:
@@ -70,4 +83,7 @@ class ReplyDroppingProxy:
             yield self
         finally:
             self._server.close()
+            for handler in list(self._handlers):
+                handler.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
