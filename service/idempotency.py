@@ -16,15 +16,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ApiError
+from .model import TaskState
 
 HEADER = "Idempotency-Key"
 KEY_TTL_SECONDS = 24 * 3600  # a repeat within a day gets the first answer
 MAX_KEY_LENGTH = 255
-_KEY = re.compile(r"[\x20-\x7e]+")  # printable ASCII: what an sf-string can hold
+# What the header may hold, and so what the OpenAPI document says: an sf-string of 1 to 255
+# characters (printable ASCII, with \" and \\ escaped), or the key bare (printable ASCII without
+# '"', no space at either end); spaces and tabs around either are HTTP's, not the key's.
+KEY_PATTERN = r'^[ \t]*(?:"(?:[ !#-\[\]-~]|\\["\\]){1,255}"|[!#-~](?:[ !#-~]{0,253}[!#-~])?)[ \t]*$'
+_QUOTED = re.compile(r'[ \t]*"(.*)"[ \t]*', re.S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,18 +41,17 @@ class IdempotencyKey:
 
 
 def parse_key(raw: str) -> str:
-    """The key of an ``Idempotency-Key`` header: an sf-string (quoted, ``\\"`` and ``\\\\``
-    escapes), or the bare text; 400 ``invalid_idempotency_key`` when it is neither."""
-    value = raw.strip()
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        value = re.sub(r"\\([\"\\])", r"\1", value[1:-1])
-    if len(value) > MAX_KEY_LENGTH or not _KEY.fullmatch(value):
+    """The key of an ``Idempotency-Key`` header (``KEY_PATTERN``): an sf-string's content, or
+    the bare text; 400 ``invalid_idempotency_key`` for anything else."""
+    if not re.fullmatch(KEY_PATTERN, raw):
         raise ApiError(
             400,
             "invalid_idempotency_key",
-            f"{HEADER} must be a string of 1 to {MAX_KEY_LENGTH} printable ASCII characters",
+            f"{HEADER} must be a string of 1 to {MAX_KEY_LENGTH} printable ASCII characters, "
+            'quoted ("...") or bare',
         )
-    return value
+    quoted = _QUOTED.fullmatch(raw)
+    return re.sub(r"\\([\"\\])", r"\1", quoted[1]) if quoted else raw.strip(" \t")
 
 
 def idempotency_key(
@@ -56,6 +62,36 @@ def idempotency_key(
         return None
     described = json.dumps([method, task_id, request], sort_keys=True, separators=(",", ":"))
     return IdempotencyKey(parse_key(header), hashlib.sha256(described.encode()).hexdigest())
+
+
+class IdempotencyKeyReused(Exception):
+    """The key was used for another request (another body, task or method)."""
+
+
+class KeptAnswers:
+    """The answers kept for idempotency keys in this process (the embedded backend), oldest
+    first, each for ``ttl`` seconds. The Redis backend keeps them in Redis, in its scripts."""
+
+    def __init__(self, ttl: float = KEY_TTL_SECONDS) -> None:
+        self.ttl = ttl
+        self._kept: OrderedDict[str, tuple[str, TaskState, float]] = OrderedDict()
+
+    def recall(self, key: IdempotencyKey | None) -> TaskState | None:
+        """The state answered to the first request with ``key``; None if there was none (or it
+        is too old); IdempotencyKeyReused if that request was another."""
+        now = time.monotonic()
+        while self._kept and next(iter(self._kept.values()))[2] < now:
+            self._kept.popitem(last=False)
+        if key is None or (kept := self._kept.get(key.key)) is None:
+            return None
+        fingerprint, state, _ = kept
+        if fingerprint != key.fingerprint:
+            raise IdempotencyKeyReused
+        return state
+
+    def keep(self, key: IdempotencyKey | None, state: TaskState) -> None:
+        if key is not None:
+            self._kept[key.key] = (key.fingerprint, state, time.monotonic() + self.ttl)
 
 
 def mismatch() -> ApiError:

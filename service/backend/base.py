@@ -19,6 +19,7 @@ from typing import Protocol
 
 from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
+from ..idempotency import IdempotencyKey
 from ..model import DEFAULT_TERMINAL_STATUSES, Cursor, TaskState, TaskUpdate, WatchBatch
 
 
@@ -120,23 +121,35 @@ class Backend(ABC):
 
     @abstractmethod
     async def write(
-        self, task_id: str, update: TaskUpdate, subject: str | None = None
+        self,
+        task_id: str,
+        update: TaskUpdate,
+        subject: str | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> WriteResult:
         """Apply ``update`` atomically: version + 1 and an entry in the task's history, naming
         ``subject`` (who wrote); or ``VersionConflict`` or ``TaskLimitReached`` (a new task beyond
-        ``max_tasks``) and no change."""
+        ``max_tasks``) and no change. With ``idempotency``, a write already made with that key
+        is not made again: its answer is (``IdempotencyKeyReused`` if it was another request)."""
 
-    async def delete(self, task_id: str, expected_version: int | None = None) -> TaskState:
+    async def delete(
+        self,
+        task_id: str,
+        expected_version: int | None = None,
+        idempotency: IdempotencyKey | None = None,
+    ) -> TaskState:
         """Delete a live task atomically: its tombstone (version + 1) replaces it, its history
         goes, and every watcher gets the tombstone as a change. ``TaskNotFound`` for a task never
         written or already deleted, ``VersionConflict`` if ``expected_version`` is not its
-        version; then nothing changes."""
-        tombstone = await self._delete(task_id, expected_version)
+        version; then nothing changes. ``idempotency`` as for ``write``."""
+        tombstone = await self._delete(task_id, expected_version, idempotency)
         self.deleted += 1
         return tombstone
 
     @abstractmethod
-    async def _delete(self, task_id: str, expected_version: int | None) -> TaskState: ...
+    async def _delete(
+        self, task_id: str, expected_version: int | None, idempotency: IdempotencyKey | None
+    ) -> TaskState: ...
 
     async def sweep(self, limit: int) -> SweepResult:
         """Delete up to ``limit`` tasks (and purge tombstones) whose time has come, in one atomic

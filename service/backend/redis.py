@@ -58,6 +58,7 @@ from ..config import Address
 from ..errors import BackendUnavailable, NotReplicated
 from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
+from ..idempotency import KEY_TTL_SECONDS, IdempotencyKey, IdempotencyKeyReused
 from ..model import UNSET, Cursor, TaskState, TaskUpdate, WatchBatch, initial_state
 from .base import (
     Backend,
@@ -512,7 +513,11 @@ class RedisBackend(Backend):
         return (await self.changes_since(None, None)).tasks
 
     def write_call(
-        self, task_id: str, update: TaskUpdate, subject: str | None = None
+        self,
+        task_id: str,
+        update: TaskUpdate,
+        subject: str | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> tuple[list[str], list[str]]:
         """The write script's keys and arguments for ``update`` of ``task_id`` by ``subject``."""
         expected = "" if update.expected_version is None else str(update.expected_version)
@@ -531,8 +536,16 @@ class RedisBackend(Backend):
             subject or "",
             str(self.retention.finished_ttl * 1000),
             self._terminal,
+            *self._idempotency_args(idempotency),
         ]
         return keys, args
+
+    def _idempotency_args(self, idempotency: IdempotencyKey | None) -> list[str]:
+        """The key name, fingerprint and lifetime (ms) a changing script keeps an answer under."""
+        if idempotency is None:
+            return ["", "", "0"]
+        key = f"{self._prefix}idempotency:{idempotency.key}"
+        return [key, idempotency.fingerprint, str(KEY_TTL_SECONDS * 1000)]
 
     def _task_keys(self, task_id: str) -> list[str]:
         """The keys a script that changes ``task_id`` touches (write.lua, delete.lua)."""
@@ -547,11 +560,20 @@ class RedisBackend(Backend):
         ]
 
     async def write(
-        self, task_id: str, update: TaskUpdate, subject: str | None = None
+        self,
+        task_id: str,
+        update: TaskUpdate,
+        subject: str | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> WriteResult:
-        keys, args = self.write_call(task_id, update, subject)
+        keys, args = self.write_call(task_id, update, subject, idempotency)
         change = self._change(lambda primary: primary.write, keys, args, kept=3)
         outcome, *rest = await self._call(change, shielded=False)
+        if outcome == b"replay":
+            answered = TaskState.from_dict(json.loads(rest[0]))
+            return WriteResult(previous=answered, state=answered)
+        if outcome == b"reused":
+            raise IdempotencyKeyReused
         if outcome == b"conflict":
             raise VersionConflict(TaskState.from_dict(json.loads(rest[0])))
         if outcome == b"task_limit":
@@ -638,18 +660,22 @@ class RedisBackend(Backend):
                 raise BackendUnavailable(f"no replica to confirm the read ({exc})") from exc
             raise
 
-    async def _delete(self, task_id: str, expected_version: int | None) -> TaskState:
+    async def _delete(
+        self, task_id: str, expected_version: int | None, idempotency: IdempotencyKey | None
+    ) -> TaskState:
         expected = "" if expected_version is None else str(expected_version)
         args = [task_id, expected, _new_epoch(), self._published_on]
-        args.append(str(self.retention.tombstone_ttl * 1000))
+        args += [str(self.retention.tombstone_ttl * 1000), *self._idempotency_args(idempotency)]
         change = self._change(lambda primary: primary.delete, self._task_keys(task_id), args, 2)
         outcome, *rest = await self._call(change, shielded=False)
         if outcome == b"not_found":
             raise TaskNotFound
+        if outcome == b"reused":
+            raise IdempotencyKeyReused
         state = TaskState.from_dict(json.loads(rest[0]))
         if outcome == b"conflict":
             raise VersionConflict(state)
-        return state
+        return state  # deleted now, or by the first request with this Idempotency-Key
 
     async def _sweep(self, limit: int) -> SweepResult:
         keys = [self._due_key, self._index_key, self._seq_key, self._epoch_key, self._live_key]

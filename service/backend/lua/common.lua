@@ -93,6 +93,27 @@ local function bury(store, task_key, history_key, id, state, tombstone_ms)
   return encoded
 end
 
+-- Idempotency-Key: the answer kept for `key` (a key name, '' for none) from the first request
+-- made with it: {'replay', state JSON}, {'reused'} when that request was another (its
+-- fingerprint differs), or nil when the key is new. A replay writes to the key (it counts the
+-- replays): so a WAIT after it covers the kept answer too, which a WAIT after a script that
+-- writes nothing would not.
+local function recall_answer(key, fingerprint)
+  if key == '' then return nil end
+  local kept = redis.call('HMGET', key, 'fingerprint', 'state')
+  if not kept[1] then return nil end
+  if kept[1] ~= fingerprint then return {'reused'} end
+  redis.call('HINCRBY', key, 'replays', 1)
+  return {'replay', kept[2]}
+end
+
+-- Keep `encoded` as the answer to the request with `key` for ttl_ms (no key: nothing to keep).
+local function keep_answer(key, fingerprint, encoded, ttl_ms)
+  if key == '' then return end
+  redis.call('HSET', key, 'fingerprint', fingerprint, 'state', encoded)
+  redis.call('PEXPIRE', key, ttl_ms)
+end
+
 -- Whether status is in the terminal ones, given as ',completed,failed,'.
 local function terminal(status, statuses)
   return status ~= cjson.null and string.find(statuses, ',' .. status .. ',', 1, true) ~= nil
