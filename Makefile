@@ -6,7 +6,7 @@ UV := $(BIN)/uv
 PORT ?= 8080
 SYSTEM_PACKAGES := redis-server:redis-server nginx:nginx chromium:chromium docker-compose:docker-compose
 
-.PHONY: run demo test lint fmt typecheck bench bench-quick bench-setup screenshot system-packages \
+.PHONY: run demo demo-ha bench-ha test lint fmt typecheck bench bench-quick bench-setup screenshot system-packages \
 	lock lock-check upgrade wheel clean
 
 # Installs come from the lock only (requirements/*.txt, hash-pinned, see requirements/lock.sh):
@@ -36,6 +36,10 @@ run: $(VENV)/.synced-runtime  ## the service on its embedded backend, http://loc
 demo: $(VENV)/.synced-runtime  ## redis-server, 3 instances and nginx as local processes
 	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx
 	$(BIN)/python -m deploy.demo --port $(PORT)
+
+demo-ha: $(VENV)/.synced-runtime  ## Redis primary + 2 replicas + 3 Sentinels, 3 instances, nginx
+	bash deploy/ensure-packages.sh redis-server:redis-server nginx:nginx
+	$(BIN)/python -m deploy.demo --ha --port $(PORT)
 
 lint: $(DEV)
 	$(BIN)/ruff check .
@@ -71,8 +75,12 @@ bench-setup: $(VENV)/.synced-bench
 	test -f $(NCHAN_MODULE) || { s=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$s apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$s apt-get install -y -qq --no-install-recommends libnginx-mod-nchan; }
 
-bench: bench-setup  ## every target and scenario, 10,000 polls (about 12 minutes): bench/results/
+bench: bench-setup  ## every target and scenario, 10,000 polls (about 14 minutes): bench/results/
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.ha
+
+bench-ha: bench-setup  ## the price of replicated writes, and failover times (about 2 minutes)
+	$(BIN)/python -m bench.ha
 
 bench-quick: bench-setup  ## 1,000 polls, this service and the seed design, under 2 minutes
 	$(BIN)/python -m bench --quick

@@ -196,12 +196,30 @@ class Managed:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+HA_REDIS_CONF = REPO / "deploy" / "redis" / "ha.conf"  # one file: demo-ha, compose, tests
+
+
 class RedisServer(Managed):
-    def __init__(self, workdir: Path, port: int | None = None, *, durable: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        durable: bool = False,
+        replica_of: int | None = None,
+        ha: bool = False,
+    ) -> None:
+        """A redis-server; ``replica_of`` the port of its primary; ``ha`` the options of a node
+        watched by Sentinel (a primary refuses writes that no replica receives)."""
         self.port = port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / "redis.conf"
+        # The node's own file, including the shared one: Sentinel makes a node rewrite its
+        # config (CONFIG REWRITE) when it changes its role, and it must not rewrite ha.conf.
+        conf.write_text(f"include {HA_REDIS_CONF}\n" if ha else "")
         argv = [
             find_program("redis-server"),
+            str(conf),  # a config file comes first, flags after it
             "--port", str(self.port),
             "--bind", HOST,
             "--dir", str(workdir),
@@ -213,7 +231,15 @@ class RedisServer(Managed):
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             argv += ["--appendonly", "no"]
-        super().__init__("redis", argv, workdir / "redis.log")
+        if replica_of is not None:
+            argv += ["--replicaof", HOST, str(replica_of)]
+        super().__init__(f"redis-{self.port}", argv, workdir / "redis.log")
+
+    def info(self, section: str) -> dict[str, str]:
+        """INFO ``section`` as a dict (role, master_port, connected_slaves, ...)."""
+        lines = self.command("INFO", section).decode().splitlines()
+        pairs = [line.split(":", 1) for line in lines if ":" in line and line[0] != "#"]
+        return dict(pairs)
 
     @property
     def url(self) -> str:
@@ -244,6 +270,85 @@ class RedisServer(Managed):
         return subprocess.run(
             [cli, "-h", HOST, "-p", str(self.port), *args], check=True, capture_output=True
         ).stdout
+
+
+SENTINEL_SERVICE = "taskstatus"
+
+
+class SentinelServer(Managed):
+    """A Redis Sentinel (``redis-server sentinel.conf --sentinel``) watching ``primary_port``.
+
+    Quick to decide, for tests and the demo: the primary is down after ``down_after_ms`` of
+    silence, and a quorum of 2 Sentinels must agree before a failover."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        primary_port: int,
+        *,
+        port: int | None = None,
+        down_after_ms: int = 1000,
+        service: str = SENTINEL_SERVICE,
+        quorum: int = 2,
+    ) -> None:
+        self.port = port or free_port()
+        self.service = service
+        workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / f"sentinel-{self.port}.conf"  # Sentinel rewrites it: one per process
+        conf.write_text(
+            f"port {self.port}\n"
+            f"bind {HOST}\n"
+            f"dir {workdir}\n"
+            f"sentinel monitor {service} {HOST} {primary_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} {max(3 * down_after_ms, 3000)}\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+        argv = [find_program("redis-server"), str(conf), "--sentinel", "--daemonize", "no"]
+        super().__init__(f"sentinel-{self.port}", argv, workdir / f"sentinel-{self.port}.log")
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self) -> None:
+        refuse_taken_port(self.port, self.name)
+        super().start()
+
+        def up() -> bool:
+            if not self.running:
+                raise RuntimeError(f"sentinel exited:\n{self.log_text()[-3000:]}")
+            return self.primary() is not None
+
+        self.await_start(up, f"sentinel on port {self.port}")
+
+    def command(self, *args: str) -> bytes:
+        cli = find_program("redis-cli")
+        return subprocess.run(
+            [cli, "-h", HOST, "-p", str(self.port), *args], check=True, capture_output=True
+        ).stdout
+
+    def primary(self) -> int | None:
+        """The port of the primary this Sentinel names now, or None when it does not answer."""
+        try:
+            reply = self.command("SENTINEL", "get-master-addr-by-name", self.service)
+        except (subprocess.CalledProcessError, OSError):
+            return None
+        parts = reply.decode().split()
+        return int(parts[1]) if len(parts) == 2 else None
+
+    def knows(self, replicas: int, sentinels: int) -> bool:
+        """Whether this Sentinel has found ``replicas`` replicas and ``sentinels`` other Sentinels
+        (through the primary's hello channel): until then a failover cannot be agreed."""
+        try:
+            reply = self.command("SENTINEL", "master", self.service).decode().split()
+        except (subprocess.CalledProcessError, OSError):
+            return False
+        fields = dict(zip(reply[::2], reply[1::2], strict=False))
+        return (
+            int(fields.get("num-slaves", 0)) >= replicas
+            and int(fields.get("num-other-sentinels", 0)) >= sentinels
+        )
 
 
 class Instance(Managed):
@@ -422,9 +527,107 @@ class Cluster:
         self.nginx.reload()
 
     def stop(self) -> None:
-        for child in [self.nginx, *self.instances, self.redis]:
+        for child in self.processes():
             with contextlib.suppress(Exception):
                 child.stop()
+
+    def processes(self) -> list[Managed]:
+        """Every process of the cluster, in the order they stop: front to back."""
+        return [self.nginx, *self.instances, self.redis]
+
+
+@dataclass
+class HACluster(Cluster):
+    """A primary (``redis``, the first one), its replicas and the Sentinels watching them, with
+    the instances following the primary through the Sentinels."""
+
+    replicas: list[RedisServer] = field(default_factory=list)
+    sentinels: list[SentinelServer] = field(default_factory=list)
+
+    def processes(self) -> list[Managed]:
+        return [self.nginx, *self.instances, *self.sentinels, self.redis, *self.replicas]
+
+    @property
+    def nodes(self) -> list[RedisServer]:
+        return [self.redis, *self.replicas]
+
+    def primary(self) -> RedisServer:
+        """The node the Sentinels name as the primary now."""
+        ports = {s.primary() for s in self.sentinels if s.running} - {None}
+        (port,) = ports or {None}  # the Sentinels agree once a failover is done
+        return next(node for node in self.nodes if node.port == port)
+
+
+def sentinel_args(sentinels: Sequence[SentinelServer]) -> list[str]:
+    """The instance flags that make it find and follow the primary through ``sentinels``."""
+    return ["--redis-sentinels", ",".join(s.address for s in sentinels)]
+
+
+@contextlib.contextmanager
+def running_ha_cluster(
+    workdir: Path,
+    *,
+    instances: int = 3,
+    replicas: int = 2,
+    sentinels: int = 3,
+    port: int | None = None,
+    instance_ports: Sequence[int] = (),
+    redis_ports: Sequence[int] = (),
+    sentinel_ports: Sequence[int] = (),
+    down_after_ms: int = 1000,
+    instance_args: Sequence[str] = (),
+    prefix: str = "taskstatus:",
+) -> Iterator[HACluster]:
+    """A primary with ``replicas`` replicas, ``sentinels`` Sentinels, ``instances`` service
+    processes following the primary through them, and nginx; all stopped on exit. The nodes keep
+    no AOF: what survives a node's death is what its replicas hold."""
+    ports = list(redis_ports) + [free_port() for _ in range(1 + replicas - len(redis_ports))]
+    primary = RedisServer(workdir / f"redis-{ports[0]}", ports[0], ha=True)
+    copies = [
+        RedisServer(workdir / f"redis-{p}", p, replica_of=primary.port, ha=True)
+        for p in ports[1 : 1 + replicas]
+    ]
+    watchers = [
+        SentinelServer(
+            workdir / "sentinels",
+            primary.port,
+            port=sentinel_ports[n] if n < len(sentinel_ports) else None,
+            down_after_ms=down_after_ms,
+        )
+        for n in range(sentinels)
+    ]
+    apps = [
+        Instance(
+            workdir / "instances",
+            f"instance-{n + 1}",
+            port=instance_ports[n] if n < len(instance_ports) else None,
+            extra_args=["--redis-prefix", prefix, *sentinel_args(watchers), *instance_args],
+        )
+        for n in range(instances)
+    ]
+    nginx = Nginx(workdir / "nginx", [app.port for app in apps], port)
+    cluster = HACluster(primary, apps, nginx, copies, watchers)
+    try:
+        primary.start()
+        for copy in copies:
+            copy.start()
+        wait_until(
+            lambda: primary.info("replication").get("connected_slaves") == str(replicas),
+            f"{replicas} replicas in sync with the primary",
+        )
+        for watcher in watchers:
+            watcher.start()
+        wait_until(
+            lambda: all(w.knows(replicas, sentinels - 1) for w in watchers),
+            "every Sentinel to know the replicas and the other Sentinels",
+            STARTUP_TIMEOUT,
+        )
+        for app in apps:
+            app.start()
+        nginx.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @contextlib.contextmanager

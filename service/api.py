@@ -11,6 +11,7 @@ import json
 import logging
 import random
 from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import hdrs, web
 
@@ -20,6 +21,9 @@ from .conditional import parse_if_none_match, parse_prefer_wait
 from .direct import AlreadyAnswered, direct_transport
 from .errors import ApiError, bad_request
 from .hub import TICK, WATCH_KEY, Change
+from .idempotency import HEADER as IDEMPOTENCY_HEADER
+from .idempotency import IdempotencyKey, IdempotencyKeyReused, idempotency_key
+from .idempotency import mismatch as idempotency_mismatch
 from .keys import BACKEND, CONFIG, HUB
 from .metrics import delivering
 from .model import (
@@ -310,12 +314,21 @@ async def _read_json_body(request: web.Request) -> bytes:
         raise ApiError(408, "body_timeout", "the body did not arrive in time") from None
 
 
+def _idempotency(request: web.Request, task_id: str, body: Any) -> IdempotencyKey | None:
+    """The Idempotency-Key the write names, with the fingerprint of what it asks."""
+    return idempotency_key(request.headers.get(IDEMPOTENCY_HEADER), request.method, task_id, body)
+
+
 async def _write(request: web.Request, task_id: str) -> web.Response:
     config = request.app[CONFIG]
-    update = parse_update(await _read_json_body(request), config.statuses)
+    body = await _read_json_body(request)
+    update = parse_update(body, config.statuses)
+    key = _idempotency(request, task_id, json.loads(body))
     grant = request.get(GRANT)
     try:
-        result = await request.app[BACKEND].write(task_id, update, grant and grant.subject)
+        result = await request.app[BACKEND].write(task_id, update, grant and grant.subject, key)
+    except IdempotencyKeyReused:
+        raise idempotency_mismatch() from None
     except TaskLimitReached:
         raise ApiError(
             507,
@@ -352,8 +365,11 @@ async def delete_task(request: web.Request) -> web.Response:
     task_id = task_id_of(request)
     raw = single_param(request, "expected_version")
     expected = None if raw is None else parse_counter("expected_version", raw)
+    key = _idempotency(request, task_id, {"expected_version": expected})
     try:
-        tombstone = await request.app[BACKEND].delete(task_id, expected)
+        tombstone = await request.app[BACKEND].delete(task_id, expected, key)
+    except IdempotencyKeyReused:
+        raise idempotency_mismatch() from None
     except TaskNotFound:
         raise ApiError(
             404, "task_not_found", f"task {task_id} does not exist (or is deleted already)"

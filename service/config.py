@@ -22,6 +22,24 @@ _ORIGIN_RE = re.compile(
 )
 
 
+Address = tuple[str, int]  # (host, port)
+
+
+def parse_addresses(raw: str) -> tuple[Address, ...]:
+    """``host:port,host:port`` -> ((host, port), ...); ValueError names what is wrong."""
+    found = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"REDIS_SENTINELS: {part!r} is not host:port")
+        found.append((host.strip("[]"), int(port)))
+    if not found:
+        raise ValueError("REDIS_SENTINELS names no Sentinel")
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
@@ -36,6 +54,15 @@ class Config:
     instance_id: str = ""
     redis_url: str = ""  # empty: the embedded in-process backend
     redis_prefix: str = "taskstatus:"
+    # High availability (backend/sentinel.py): the primary found and followed through Sentinel.
+    redis_sentinels: tuple[str, ...] = ()  # host:port of each Sentinel; set: REDIS_URL unused
+    redis_sentinel_service: str = "taskstatus"  # the name the Sentinels monitor the primary by
+    redis_sentinel_password: str = field(default="", repr=False)  # the Sentinels' requirepass
+    redis_password: str = field(default="", repr=False)  # the Redis nodes' (with Sentinel)
+    # Replicas that must hold a write before it is acknowledged (WAIT); None: 1 with Sentinel,
+    # else 0. REDIS_REPLICATION_TIMEOUT is how long a write waits for them, in milliseconds.
+    redis_min_replicas: int | None = None
+    redis_replication_timeout: int = 500
     log_interval: float = 30.0  # seconds between "waiting clients" log lines
     shutdown_timeout: float = 10.0  # seconds to finish in-flight requests on SIGTERM
     max_held_polls: int = 20000  # past it, new polls and watches get 503 + Retry-After
@@ -86,6 +113,7 @@ class Config:
             raise ValueError("STATS_INTERVAL must be 0 or between 0.1 and 60 seconds")
         self._check_lifecycle_settings()
         self._check_security_settings()
+        self._check_redis_settings()
         if not self.instance_id:
             object.__setattr__(self, "instance_id", f"{socket.gethostname()}:{self.port}")
 
@@ -128,9 +156,30 @@ class Config:
         if self.keepalive_timeout <= 0:
             raise ValueError("KEEPALIVE_TIMEOUT must be positive")
 
+    def _check_redis_settings(self) -> None:
+        if self.redis_sentinels:
+            self.sentinel_addresses  # noqa: B018 (parsed to fail now, naming the bad entry)
+            if not self.redis_sentinel_service:
+                raise ValueError("REDIS_SENTINEL_SERVICE must not be empty")
+        if self.redis_min_replicas is not None and not 0 <= self.redis_min_replicas <= 16:
+            raise ValueError("REDIS_MIN_REPLICAS must be between 0 and 16")
+        if not 1 <= self.redis_replication_timeout <= 60000:
+            raise ValueError("REDIS_REPLICATION_TIMEOUT must be between 1 and 60000 ms")
+
     @property
     def backend_name(self) -> str:
-        return "redis" if self.redis_url else "memory"
+        return "redis" if self.redis_url or self.redis_sentinels else "memory"
+
+    @property
+    def sentinel_addresses(self) -> tuple[Address, ...]:
+        return parse_addresses(",".join(self.redis_sentinels)) if self.redis_sentinels else ()
+
+    @property
+    def min_replicas(self) -> int:
+        """Replicas a write must reach before it is acknowledged."""
+        if self.redis_min_replicas is not None:
+            return self.redis_min_replicas
+        return 1 if self.redis_sentinels else 0
 
     @property
     def auth_enabled(self) -> bool:
@@ -187,6 +236,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     parser.add_argument("--instance-id", default=env.get("INSTANCE_ID", ""))
     parser.add_argument("--redis-url", default=env.get("REDIS_URL", ""))
     parser.add_argument("--redis-prefix", default=env.get("REDIS_PREFIX", d.redis_prefix))
+    _add_high_availability_arguments(parser, env, d)
     parser.add_argument(
         "--log-interval",
         type=float,
@@ -238,6 +288,40 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         return Config(**vars(args))
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _add_high_availability_arguments(
+    parser: argparse.ArgumentParser, env: Mapping[str, str], d: Config
+) -> None:
+    """Redis Sentinel and replicated writes. Passwords have no flag (ps shows command lines)."""
+    parser.set_defaults(
+        redis_sentinel_password=env.get("REDIS_SENTINEL_PASSWORD", ""),
+        redis_password=env.get("REDIS_PASSWORD", ""),
+    )
+    parser.add_argument(
+        "--redis-sentinels",
+        type=_comma_list,
+        default=env.get("REDIS_SENTINELS", ""),
+        help="host:port,host:port: find and follow the Redis primary through these Sentinels",
+    )
+    parser.add_argument(
+        "--redis-sentinel-service",
+        default=env.get("REDIS_SENTINEL_SERVICE", d.redis_sentinel_service),
+        help="the name the Sentinels monitor the primary by",
+    )
+    parser.add_argument(
+        "--redis-min-replicas",
+        type=int,
+        default=env.get("REDIS_MIN_REPLICAS"),
+        help="replicas that must hold a write before it is acknowledged (default: 1 with "
+        "Sentinel, else 0)",
+    )
+    parser.add_argument(
+        "--redis-replication-timeout",
+        type=int,
+        default=env.get("REDIS_REPLICATION_TIMEOUT", str(d.redis_replication_timeout)),
+        help="milliseconds a write waits for its replicas; then 503 not_replicated",
+    )
 
 
 def _add_lifecycle_arguments(

@@ -12,7 +12,7 @@ from aiohttp import web
 
 ALLOW_METHODS = ("GET", "PUT", "POST", "DELETE")
 # What a page of another origin may send and read besides the CORS-safelisted headers.
-ALLOW_HEADERS = ("Authorization", "Content-Type", "If-None-Match", "Prefer")
+ALLOW_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "If-None-Match", "Prefer")
 EXPOSE_HEADERS = ("ETag", "Preference-Applied", "Retry-After", "WWW-Authenticate", "X-Served-By")
 PREFLIGHT_MAX_AGE = 600  # seconds a browser may cache a preflight answer
 

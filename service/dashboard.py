@@ -62,6 +62,10 @@ class InstanceStats:
     writes_per_second: float
     notify_p50_ms: float | None
     notify_p99_ms: float | None
+    # The Redis primary this instance writes to (host:port; empty for the embedded store), and
+    # how many times it has seen Sentinel move it. Records of older versions lack both.
+    primary: str = ""
+    failovers: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -78,6 +82,8 @@ class InstanceStats:
                 writes_per_second=float(data["writes_per_second"]),
                 notify_p50_ms=_optional_float(data["notify_p50_ms"]),
                 notify_p99_ms=_optional_float(data["notify_p99_ms"]),
+                primary=str(data.get("primary", "")),
+                failovers=int(data.get("failovers", 0)),
             )
         except (ValueError, TypeError, KeyError):
             return None
@@ -134,6 +140,8 @@ class Dashboard:
             writes_per_second=round((ok - ok_before) / (now - then), 2) if now > then else 0.0,
             notify_p50_ms=None if p50 is None else round(p50 * 1000, 2),
             notify_p99_ms=None if p99 is None else round(p99 * 1000, 2),
+            primary=self._backend.primary_address,
+            failovers=self._backend.failovers,
         )
 
     async def tick(self) -> None:

@@ -38,3 +38,14 @@ def bad_request(code: str, message: str) -> ApiError:
 
 class BackendUnavailable(Exception):
     """The state store cannot be reached; the request may be retried later (503)."""
+
+    code = "backend_unavailable"
+    explanation = "the state store is unreachable, retry later"
+
+
+class NotReplicated(BackendUnavailable):
+    """A write the primary took but too few replicas confirmed in time (``WAIT``), or that the
+    primary refused for want of replicas (``NOREPLICAS``): not acknowledged, may be retried."""
+
+    code = "not_replicated"
+    explanation = "the write was not confirmed by enough replicas in time and is not acknowledged"

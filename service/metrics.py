@@ -22,6 +22,8 @@ What is counted, with bounded labels only (never a task id):
   ``taskstatus_tasks_expired_total`` (finished tasks its retention sweeps deleted),
   ``taskstatus_tombstones_purged_total`` (tombstones its sweeps removed); the cluster's figure
   is the sum over the instances;
+- ``taskstatus_redis_failovers_total`` (Sentinel moved the primary),
+  ``taskstatus_writes_not_replicated_total`` (WAIT short of REDIS_MIN_REPLICAS);
 - ``process_*`` (resident memory, open file descriptors, CPU) and ``python_info``.
 
 The counts are plain numbers on the event loop's thread; one collector turns them into metric
@@ -329,6 +331,16 @@ class _Exporter(Collector):
         )
         yield CounterMetricFamily(
             "taskstatus_redis_errors", "Failed calls to Redis", value=backend.errors
+        )
+        yield CounterMetricFamily(
+            "taskstatus_redis_failovers",
+            "Times this instance saw Sentinel move the Redis primary",
+            value=backend.failovers,
+        )
+        yield CounterMetricFamily(
+            "taskstatus_writes_not_replicated",
+            "Writes the primary took that too few replicas confirmed in time (503 not_replicated)",
+            value=backend.not_replicated,
         )
         yield CounterMetricFamily(
             "taskstatus_tasks_deleted", "Tasks deleted through this instance", value=backend.deleted

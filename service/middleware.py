@@ -42,8 +42,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(
             ApiError(
                 503,
-                "backend_unavailable",
-                f"the state store is unreachable, retry later ({exc})",
+                exc.code,
+                f"{exc.explanation} ({exc})",
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
         )

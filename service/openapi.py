@@ -17,6 +17,7 @@ from aiohttp import web
 from .api import MAX_BODY_BYTES, MAX_WATCH_TASKS
 from .config import Config
 from .dashboard import CLUSTER_WATCH_PATH, MAX_WATCHERS
+from .idempotency import KEY_PATTERN as IDEMPOTENCY_KEY_PATTERN
 from .keys import CONFIG
 from .metrics import METRICS_PATH
 from .model import MAX_COUNTER, MESSAGE_MAX_CHARS, TASK_ID_PATTERN
@@ -105,6 +106,14 @@ UNAVAILABLE: Final = _error(
     "`Retry-After` seconds",
     headers=("Retry-After",),
 )
+IDEMPOTENCY_KEY_PARAMETER: Final = _parameter(
+    "Idempotency-Key",
+    "header",
+    {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+    'names the write (a structured-field string, `"8e03978e-..."`, or bare): a repeat with the '
+    "same key within 24 h gets the first answer and changes nothing; 422 if it asks another thing",
+)
+KEY_REUSED: Final = _error("The Idempotency-Key was used for another request: nothing changed")
 NOTHING_NEW: Final = _response(
     "The hold passed with no change (or the instance is shutting down: then with `Retry-After`)",
     headers=("Retry-After",),
@@ -128,7 +137,7 @@ def _write(operation_id: str, summary: str, task_id: bool) -> Schema:
     return {
         "operationId": operation_id,
         "summary": summary,
-        "parameters": [TASK_ID_PARAMETER] if task_id else [],
+        "parameters": [*([TASK_ID_PARAMETER] if task_id else []), IDEMPOTENCY_KEY_PARAMETER],
         "requestBody": {
             "required": True,
             "description": f"at most {MAX_BODY_BYTES} bytes; integers are written as integers "
@@ -145,6 +154,7 @@ def _write(operation_id: str, summary: str, task_id: bool) -> Schema:
             "408": _error("The body did not arrive in time"),
             "413": _error(f"The body is over {MAX_BODY_BYTES} bytes"),
             "415": _error("The body is not sent as application/json"),
+            "422": KEY_REUSED,
             "503": UNAVAILABLE,
             "507": _error("The write would create a task past the store's cap (MAX_TASKS)"),
         },
@@ -163,7 +173,7 @@ def _delete() -> Schema:
         "operationId": "deleteTask",
         "summary": "Delete a task: its tombstone (version + 1, `deleted`) replaces it, and every "
         "watcher gets it as a change; a later write continues from the tombstone's version",
-        "parameters": [TASK_ID_PARAMETER, expected],
+        "parameters": [TASK_ID_PARAMETER, expected, IDEMPOTENCY_KEY_PARAMETER],
         "responses": {
             "200": _response("The tombstone", _ref("Tombstone"), headers=("ETag",)),
             "400": BAD_REQUEST,
@@ -174,6 +184,7 @@ def _delete() -> Schema:
             "409": _response(
                 "expected_version is not the current version: nothing changed", _ref("Conflict")
             ),
+            "422": KEY_REUSED,
             "503": UNAVAILABLE,
         },
         "x-scope": WRITE,
@@ -391,6 +402,15 @@ def _cluster_watch() -> Schema:
         "notify_p50_ms": milliseconds,
         "notify_p99_ms": milliseconds,
         "age_ms": {"type": "integer", "description": "since the instance last shared"},
+        "primary": {
+            "type": "string",
+            "description": "the Redis primary the instance writes to, host:port (empty: embedded)",
+        },
+        "failovers": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "times the instance has seen Sentinel move the primary",
+        },
     }
     instance: Schema = {
         "type": "object",

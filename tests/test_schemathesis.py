@@ -10,6 +10,7 @@ requests are accepted and invalid ones refused. Polls are held at most 1 s
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from schemathesis.hooks import HookContext
 
 from deploy.cluster import Instance, RedisServer
 from service.config import Config
+from service.idempotency import HEADER as IDEMPOTENCY_HEADER
+from service.idempotency import KEY_PATTERN
 from service.openapi import OPENAPI_PATH, build_openapi
 
 POLL_ARGS = ["--poll-timeout", "1", "--poll-timeout-max", "1"]
@@ -52,6 +55,15 @@ def integers_as_integers(context: HookContext, body: Any) -> Any:
     in the document). Send integral numbers as integers: the same values, so a generated valid body
     stays valid and an invalid one stays invalid."""
     return _integers_as_integers(body)
+
+
+def a_valid_idempotency_key_names_one_request(case: Case[Any]) -> None:
+    """A valid Idempotency-Key is made unique to its case: reused with another body it is
+    refused (422) by design, a property of the two requests, not of either one
+    (tests/test_idempotency.py checks it). An invalid key stays as generated, invalid."""
+    key = case.headers.get(IDEMPOTENCY_HEADER) if case.headers is not None else None
+    if case.headers is not None and isinstance(key, str) and re.fullmatch(KEY_PATTERN, key):
+        case.headers[IDEMPOTENCY_HEADER] = f'"{uuid.uuid4()}"'
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
@@ -94,6 +106,7 @@ def test_generated_requests_get_documented_answers_and_never_a_5xx_nor_a_logged_
     the error middleware logs every unhandled exception before its 500 (a failure names the
     request that caused it, whatever ran before)."""
     logged = len(live.log_text())
+    a_valid_idempotency_key_names_one_request(case)
     case.call_and_validate(base_url=live.url)
     new = live.log_text()[logged:]
     assert " ERROR " not in new and "Traceback" not in new, new[-3000:]

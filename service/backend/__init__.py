@@ -29,10 +29,19 @@ __all__ = [
 
 def create_backend(config: Config) -> Backend:
     retention = Retention(config.finished_task_ttl, config.terminal_statuses, config.tombstone_ttl)
-    if not config.redis_url:
+    if config.backend_name == "memory":
         return MemoryBackend(config.statuses, config.max_tasks, config.history_length, retention)
-    from .redis import RedisBackend  # imported only when used: the embedded mode needs no redis
+    # Imported only when used: the embedded mode needs no redis.
+    from .redis import RedisBackend
+    from .sentinel import SentinelSettings
 
+    sentinel = None
+    if config.redis_sentinels:
+        sentinel = SentinelSettings(
+            config.sentinel_addresses,
+            config.redis_sentinel_service,
+            config.redis_sentinel_password,
+        )
     return RedisBackend(
         config.statuses,
         config.max_tasks,
@@ -40,4 +49,8 @@ def create_backend(config: Config) -> Backend:
         prefix=config.redis_prefix,
         history_length=config.history_length,
         retention=retention,
+        sentinel=sentinel,
+        password=config.redis_password,
+        min_replicas=config.min_replicas,
+        replication_timeout_ms=config.redis_replication_timeout,
     )

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
+from ..idempotency import IdempotencyKey
 from ..model import DEFAULT_TERMINAL_STATUSES, Cursor, TaskState, TaskUpdate, WatchBatch
 
 
@@ -120,23 +121,35 @@ class Backend(ABC):
 
     @abstractmethod
     async def write(
-        self, task_id: str, update: TaskUpdate, subject: str | None = None
+        self,
+        task_id: str,
+        update: TaskUpdate,
+        subject: str | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> WriteResult:
         """Apply ``update`` atomically: version + 1 and an entry in the task's history, naming
         ``subject`` (who wrote); or ``VersionConflict`` or ``TaskLimitReached`` (a new task beyond
-        ``max_tasks``) and no change."""
+        ``max_tasks``) and no change. With ``idempotency``, a write already made with that key
+        is not made again: its answer is (``IdempotencyKeyReused`` if it was another request)."""
 
-    async def delete(self, task_id: str, expected_version: int | None = None) -> TaskState:
+    async def delete(
+        self,
+        task_id: str,
+        expected_version: int | None = None,
+        idempotency: IdempotencyKey | None = None,
+    ) -> TaskState:
         """Delete a live task atomically: its tombstone (version + 1) replaces it, its history
         goes, and every watcher gets the tombstone as a change. ``TaskNotFound`` for a task never
         written or already deleted, ``VersionConflict`` if ``expected_version`` is not its
-        version; then nothing changes."""
-        tombstone = await self._delete(task_id, expected_version)
+        version; then nothing changes. ``idempotency`` as for ``write``."""
+        tombstone = await self._delete(task_id, expected_version, idempotency)
         self.deleted += 1
         return tombstone
 
     @abstractmethod
-    async def _delete(self, task_id: str, expected_version: int | None) -> TaskState: ...
+    async def _delete(
+        self, task_id: str, expected_version: int | None, idempotency: IdempotencyKey | None
+    ) -> TaskState: ...
 
     async def sweep(self, limit: int) -> SweepResult:
         """Delete up to ``limit`` tasks (and purge tombstones) whose time has come, in one atomic
@@ -169,6 +182,17 @@ class Backend(ABC):
     deleted = 0  # tasks deleted through this instance (DELETE)
     expired = 0  # finished tasks this instance's sweeps deleted
     purged = 0  # tombstones this instance's sweeps removed
+    not_replicated = 0  # writes the primary took that too few replicas confirmed in time
+
+    @property
+    def failovers(self) -> int:
+        """Times the primary moved while this instance followed it (Sentinel)."""
+        return 0
+
+    @property
+    def primary_address(self) -> str:
+        """Where the store's primary is, for the dashboard: empty for the embedded store."""
+        return ""
 
     @abstractmethod
     async def share_stats(self, instance_id: str, record: str, ttl: float) -> SharedStats:

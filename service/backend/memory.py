@@ -13,6 +13,7 @@ from collections import OrderedDict, deque
 
 from ..history import DEFAULT_HISTORY_LENGTH, HistoryEntry
 from ..hub import Change
+from ..idempotency import IdempotencyKey, KeptAnswers
 from ..model import Cursor, TaskState, TaskUpdate, WatchBatch, initial_state, utc_now_iso
 from .base import (
     Backend,
@@ -51,6 +52,7 @@ class MemoryBackend(Backend):
         # A new process starts from empty state: a new epoch tells watchers to take a snapshot.
         self._epoch = secrets.token_hex(4)
         self._sink: ChangeSink | None = None
+        self._answers = KeptAnswers()  # Idempotency-Key: the first answer to each key
 
     async def start(self, sink: ChangeSink) -> None:
         self._sink = sink
@@ -72,9 +74,15 @@ class MemoryBackend(Backend):
         return [state for state, _ in self._tasks.values() if not state.deleted]
 
     async def write(
-        self, task_id: str, update: TaskUpdate, subject: str | None = None
+        self,
+        task_id: str,
+        update: TaskUpdate,
+        subject: str | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> WriteResult:
         # No await from here to the publish: the event loop makes this one atomic step.
+        if (answered := self._answers.recall(idempotency)) is not None:
+            return WriteResult(previous=answered, state=answered)
         current = self._state(task_id)
         if update.expected_version is not None and update.expected_version != current.version:
             raise VersionConflict(current)
@@ -91,15 +99,22 @@ class MemoryBackend(Backend):
         if self.history_length:
             changes = self._history.setdefault(task_id, deque(maxlen=self.history_length))
             changes.append(HistoryEntry.of(state, subject))
+        self._answers.keep(idempotency, state)
         return WriteResult(previous=current, state=state)
 
-    async def _delete(self, task_id: str, expected_version: int | None) -> TaskState:
+    async def _delete(
+        self, task_id: str, expected_version: int | None, idempotency: IdempotencyKey | None
+    ) -> TaskState:
+        if (answered := self._answers.recall(idempotency)) is not None:
+            return answered
         current = self._state(task_id)
         if task_id not in self._tasks or current.deleted:
             raise TaskNotFound
         if expected_version is not None and expected_version != current.version:
             raise VersionConflict(current)
-        return self._bury(current)
+        tombstone = self._bury(current)
+        self._answers.keep(idempotency, tombstone)
+        return tombstone
 
     def _bury(self, current: TaskState) -> TaskState:
         """Replace a live task by its tombstone, and publish it."""

@@ -3,8 +3,10 @@
 --
 -- A store table names the keys and arguments they share: index (change index, zset: task id ->
 -- seq of its last change), seq (global change counter), epoch_key, epoch (to use if none is set),
--- channel, live (counter of live tasks), due (zset: task id -> when a sweep is to look at it, ms
--- on Redis' clock: a finished task's expiry, or a tombstone's purge).
+-- channel ('' = publish nothing: the messages go back to the caller, which publishes them once
+-- replicas have the change), live (counter of live tasks), due (zset: task id -> when a sweep is
+-- to look at it, ms on Redis' clock: a finished task's expiry, or a tombstone's purge), and
+-- messages (what was not published, for reply()).
 
 -- 2026-11-26T03:20:25.029Z from Redis' own clock, so every instance stamps alike.
 -- Civil-from-days after Howard Hinnant's algorithm (Lua here has no os.date).
@@ -42,6 +44,24 @@ local function live_tasks(store)
   return count
 end
 
+-- Publish a message on the store's channel, or keep it for the caller when it has none.
+local function announce(store, message)
+  if store.channel ~= '' then
+    redis.call('PUBLISH', store.channel, message)
+  else
+    store.messages[#store.messages + 1] = message
+  end
+end
+
+-- A script's reply: its own elements, then the messages it did not publish.
+local function reply(store, ...)
+  local elements = {...}
+  for _, message in ipairs(store.messages) do
+    elements[#elements + 1] = message
+  end
+  return elements
+end
+
 -- Store a task's new state as the next change: seq, change index, message. Returns its JSON.
 local function commit(store, task_key, id, state)
   local epoch = redis.call('GET', store.epoch_key)
@@ -53,8 +73,7 @@ local function commit(store, task_key, id, state)
   local encoded = cjson.encode(state)
   redis.call('HSET', task_key, 'state', encoded, 'version', state.version, 'seq', seq)
   redis.call('ZADD', store.index, seq, id)
-  redis.call('PUBLISH', store.channel,
-    '{"epoch":"' .. epoch .. '","seq":' .. seq .. ',"state":' .. encoded .. '}')
+  announce(store, '{"epoch":"' .. epoch .. '","seq":' .. seq .. ',"state":' .. encoded .. '}')
   return encoded
 end
 
@@ -72,6 +91,27 @@ local function bury(store, task_key, history_key, id, state, tombstone_ms)
   redis.call('SET', store.live, live - 1)
   redis.call('ZADD', store.due, now_ms + tombstone_ms, id)
   return encoded
+end
+
+-- Idempotency-Key: the answer kept for `key` (a key name, '' for none) from the first request
+-- made with it: {'replay', state JSON}, {'reused'} when that request was another (its
+-- fingerprint differs), or nil when the key is new. A replay writes to the key (it counts the
+-- replays): so a WAIT after it covers the kept answer too, which a WAIT after a script that
+-- writes nothing would not.
+local function recall_answer(key, fingerprint)
+  if key == '' then return nil end
+  local kept = redis.call('HMGET', key, 'fingerprint', 'state')
+  if not kept[1] then return nil end
+  if kept[1] ~= fingerprint then return {'reused'} end
+  redis.call('HINCRBY', key, 'replays', 1)
+  return {'replay', kept[2]}
+end
+
+-- Keep `encoded` as the answer to the request with `key` for ttl_ms (no key: nothing to keep).
+local function keep_answer(key, fingerprint, encoded, ttl_ms)
+  if key == '' then return end
+  redis.call('HSET', key, 'fingerprint', fingerprint, 'state', encoded)
+  redis.call('PEXPIRE', key, ttl_ms)
 end
 
 -- Whether status is in the terminal ones, given as ',completed,failed,'.

@@ -9,9 +9,10 @@
 -- ARGV[1] task hash key prefix   ARGV[2] history key prefix   ARGV[3] epoch to use if none is set
 -- ARGV[4] channel   ARGV[5] batch size   ARGV[6] ms a tombstone is kept
 -- ARGV[7] the terminal statuses, as ',completed,failed,'   ARGV[8] FINISHED_TASK_TTL in ms
--- Returns {tasks expired, tombstones purged, 1 if the batch was full else 0}.
+-- Returns {tasks expired, tombstones purged, 1 if the batch was full else 0, unpublished
+-- messages...}.
 local store = {index = KEYS[2], seq = KEYS[3], epoch_key = KEYS[4], epoch = ARGV[3],
-  channel = ARGV[4], live = KEYS[5], due = KEYS[1]}
+  channel = ARGV[4], live = KEYS[5], due = KEYS[1], messages = {}}
 local now_ms = clock()
 local ids = redis.call('ZRANGEBYSCORE', store.due, '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[5]))
 local expired, purged = 0, {}
@@ -33,6 +34,6 @@ for _, id in ipairs(ids) do
 end
 if #purged > 0 then
   local epoch = redis.call('GET', store.epoch_key) or store.epoch
-  redis.call('PUBLISH', store.channel, cjson.encode({epoch = epoch, forget = purged}))
+  announce(store, cjson.encode({epoch = epoch, forget = purged}))
 end
-return {expired, #purged, #ids == tonumber(ARGV[5]) and 1 or 0}
+return reply(store, expired, #purged, #ids == tonumber(ARGV[5]) and 1 or 0)

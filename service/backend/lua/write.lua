@@ -8,16 +8,22 @@
 -- KEYS[1] task hash   KEYS[2] change index   KEYS[3] global change counter   KEYS[4] epoch
 -- KEYS[5] task history (list, newest first)   KEYS[6] live task counter   KEYS[7] due (zset)
 -- ARGV[1] task id   ARGV[2] initial status   ARGV[3] expected version ('' = any)
--- ARGV[4] epoch to use if none is set   ARGV[5] channel
+-- ARGV[4] epoch to use if none is set   ARGV[5] channel ('' = the caller publishes)
 -- ARGV[6..11] (mode, value) for status, progress, message; mode is keep | set | null
 -- ARGV[12] the most live tasks the store may hold
 -- ARGV[13] history entries kept per task (0: none)   ARGV[14] who writes (token subject, '' = none)
 -- ARGV[15] ms a finished task is kept after this write (0: forever)
 -- ARGV[16] the terminal statuses, as ',completed,failed,'
--- Returns {'ok', previous status, new state JSON}, {'conflict', current state JSON} or
+-- ARGV[17] Idempotency-Key's key name ('' = none)   ARGV[18] the request's fingerprint
+-- ARGV[19] ms the answer is kept for the key
+-- Returns {'ok', previous status, new state JSON, unpublished messages...},
+-- {'conflict', current state JSON}, {'replay', the first answer's state JSON}, {'reused'} or
 -- {'task_limit'} (the write would create a task beyond ARGV[12]).
 local store = {index = KEYS[2], seq = KEYS[3], epoch_key = KEYS[4], epoch = ARGV[4],
-  channel = ARGV[5], live = KEYS[6], due = KEYS[7]}
+  channel = ARGV[5], live = KEYS[6], due = KEYS[7], messages = {}}
+
+local answered = recall_answer(ARGV[17], ARGV[18])
+if answered then return answered end
 
 local raw = redis.call('HGET', KEYS[1], 'state')
 local state
@@ -78,4 +84,5 @@ if keep > 0 then
     message = state.message, updated_at = state.updated_at, subject = subject}))
   redis.call('LTRIM', KEYS[5], 0, keep - 1)
 end
-return {'ok', previous_status, encoded}
+keep_answer(ARGV[17], ARGV[18], encoded, tonumber(ARGV[19]))
+return reply(store, 'ok', previous_status, encoded)

@@ -59,6 +59,8 @@ class InstanceTable {
       cells[4].textContent = milliseconds(instance.notify_p50_ms);
       cells[5].textContent = milliseconds(instance.notify_p99_ms);
       cells[6].textContent = lastHeard(instance.age_ms);
+      cells[7].textContent = instance.primary || "embedded";
+      cells[8].textContent = String(instance.failovers);
     }
     for (const [id, row] of this.rows) {
       if (!seen.has(id)) {
@@ -91,6 +93,11 @@ class InstanceTable {
       cell.className = "number";
       row.append(cell);
     }
+    const primary = document.createElement("td");
+    primary.className = "primary";
+    const failovers = document.createElement("td");
+    failovers.className = "number";
+    row.append(primary, failovers);
     this.rows.set(id, row);
     return row;
   }
