@@ -58,6 +58,14 @@ def find_program(name: str) -> str:
     return found
 
 
+def redis_cli(port: int, *args: str) -> bytes:
+    """What redis-cli prints for one command to the server (or Sentinel) on ``port``."""
+    cli = find_program("redis-cli")
+    return subprocess.run(
+        [cli, "-h", HOST, "-p", str(port), *args], check=True, capture_output=True
+    ).stdout
+
+
 # Generous: on a loaded 2-core machine a Python process can take several seconds to start.
 STARTUP_TIMEOUT = 30.0
 
@@ -184,6 +192,20 @@ class Managed:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def start_on(self, port: int, ready: Callable[[], bool], what: str) -> None:
+        """Start listening on ``port`` (refused when something else already does: its answer
+        would be taken for ours) and wait until ``ready()``; a process that exits meanwhile
+        fails at once, with the end of its log."""
+        refuse_taken_port(port, self.name)
+        Managed.start(self)
+
+        def up() -> bool:
+            if not self.running:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
+            return ready()
+
+        self.await_start(up, what)
+
     def await_start(self, up: Callable[[], bool], what: str) -> None:
         """Wait until ``up()``; a start that fails or times out leaves no process or open log."""
         try:
@@ -246,15 +268,7 @@ class RedisServer(Managed):
         return f"redis://{HOST}:{self.port}/0"
 
     def start(self) -> None:
-        refuse_taken_port(self.port, self.name)
-        super().start()
-
-        def up() -> bool:
-            if not self.running:  # e.g. the port is taken: that PONG would not be ours
-                raise RuntimeError(f"redis-server exited:\n{self.log_text()[-3000:]}")
-            return self.ping()
-
-        self.await_start(up, f"redis-server on port {self.port}")
+        self.start_on(self.port, self.ping, f"redis-server on port {self.port}")
 
     def ping(self) -> bool:
         try:
@@ -266,10 +280,7 @@ class RedisServer(Managed):
 
     def command(self, *args: str) -> bytes:
         """Run one command with redis-cli (test helpers: CLIENT KILL, FLUSHALL, ...)."""
-        cli = find_program("redis-cli")
-        return subprocess.run(
-            [cli, "-h", HOST, "-p", str(self.port), *args], check=True, capture_output=True
-        ).stdout
+        return redis_cli(self.port, *args)
 
 
 SENTINEL_SERVICE = "taskstatus"
@@ -312,21 +323,10 @@ class SentinelServer(Managed):
         return f"{HOST}:{self.port}"
 
     def start(self) -> None:
-        refuse_taken_port(self.port, self.name)
-        super().start()
-
-        def up() -> bool:
-            if not self.running:
-                raise RuntimeError(f"sentinel exited:\n{self.log_text()[-3000:]}")
-            return self.primary() is not None
-
-        self.await_start(up, f"sentinel on port {self.port}")
+        self.start_on(self.port, lambda: self.primary() is not None, f"sentinel on {self.port}")
 
     def command(self, *args: str) -> bytes:
-        cli = find_program("redis-cli")
-        return subprocess.run(
-            [cli, "-h", HOST, "-p", str(self.port), *args], check=True, capture_output=True
-        ).stdout
+        return redis_cli(self.port, *args)
 
     def primary(self) -> int | None:
         """The port of the primary this Sentinel names now, or None when it does not answer."""
@@ -383,16 +383,10 @@ class Instance(Managed):
 
     def start(self, *, ready: bool = True) -> None:
         """Start, and wait until /readyz answers 200 (or only /healthz, with ready=False)."""
-        refuse_taken_port(self.port, self.name)
-        super().start()
         probe = "/readyz" if ready else "/healthz"
-
-        def up() -> bool:
-            if not self.running:
-                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
-            return http_status(self.port, probe) == 200
-
-        self.await_start(up, f"{self.name} {probe}")
+        self.start_on(
+            self.port, lambda: http_status(self.port, probe) == 200, f"{self.name} {probe}"
+        )
 
 
 class Nginx(Managed):
@@ -427,15 +421,7 @@ class Nginx(Managed):
         return f"http://{HOST}:{self.port}"
 
     def start(self) -> None:
-        refuse_taken_port(self.port, self.name)
-        super().start()
-
-        def up() -> bool:
-            if not self.running:
-                raise RuntimeError(f"nginx exited:\n{self.log_text()[-3000:]}")
-            return port_open(self.port)
-
-        self.await_start(up, f"nginx on port {self.port}")
+        self.start_on(self.port, lambda: port_open(self.port), f"nginx on port {self.port}")
 
     def workers(self) -> dict[int, str]:
         """This nginx's worker processes: pid -> title ("nginx: worker process", or "... is
