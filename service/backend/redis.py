@@ -499,7 +499,8 @@ class RedisBackend(Backend):
     async def get(self, task_id: str) -> TaskState:
         generation = self._generation
         raw = await self._call(self._redis.hget(self._task_key(task_id), "state"))
-        await self._call(self._confirm_reads())
+        if self.min_replicas:  # no task, shield and timeout per read when there is no barrier
+            await self._call(self._confirm_reads())
         if raw is None:
             return initial_state(task_id, self.statuses)
         state = TaskState.from_dict(json.loads(raw))
@@ -695,7 +696,8 @@ class RedisBackend(Backend):
             return []
         key = self._history_key(task_id)
         entries = await self._call(self._redis.lrange(key, 0, self.history_length - 1))
-        await self._call(self._confirm_reads())
+        if self.min_replicas:  # no task, shield and timeout per read when there is no barrier
+            await self._call(self._confirm_reads())
         return [HistoryEntry.from_dict(json.loads(raw)) for raw in entries]
 
     async def changes_since(self, since: Cursor | None, only: frozenset[str] | None) -> WatchBatch:
@@ -707,7 +709,8 @@ class RedisBackend(Backend):
         ]
         keys = [self._index_key, self._seq_key, self._epoch_key]
         epoch, seq, reset, *states = await self._call(self._current().changes(keys=keys, args=args))
-        await self._call(self._confirm_reads())
+        if self.min_replicas:  # no task, shield and timeout per read when there is no barrier
+            await self._call(self._confirm_reads())
         tasks = [TaskState.from_dict(json.loads(raw)) for raw in states]
         if only is not None:
             tasks = [state for state in tasks if state.task in only]
