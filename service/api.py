@@ -18,6 +18,7 @@ from aiohttp import hdrs, web
 from .auth import GRANT
 from .backend import TaskLimitReached, TaskNotFound, VersionConflict
 from .conditional import parse_if_none_match, parse_prefer_wait
+from .config import Config
 from .direct import AlreadyAnswered, direct_transport
 from .errors import ApiError, bad_request
 from .hub import TICK, WATCH_KEY, Change
@@ -94,11 +95,16 @@ def _poll_timeout(request: web.Request, asked: int | None = None) -> float:
     if asked is None:
         raw = single_param(request, "timeout")
         asked = config.poll_timeout if raw is None else parse_counter("timeout", raw)
+    return hold_for(asked, config)
+
+
+def hold_for(asked: int, config: Config) -> float:
+    """``_poll_timeout`` once the seconds asked for are known (the fast path's too)."""
     hold = min(asked, config.poll_timeout_max)
     return hold - max(TICK, random.uniform(0, min(hold * 0.1, 2.0)))
 
 
-def _retry_after() -> str:
+def retry_after() -> str:
     """A jittered Retry-After, so clients sent away together do not return together."""
     return str(random.randint(1, 3))
 
@@ -110,7 +116,7 @@ def admit_waiter(request: web.Request) -> None:
             503,
             "too_many_waiters",
             "this instance holds as many polls as it may; retry shortly",
-            headers={"Retry-After": _retry_after()},
+            headers={"Retry-After": retry_after()},
         )
 
 
@@ -125,7 +131,7 @@ def _nothing_new(request: web.Request, etag: int | None = None) -> web.Response:
     if etag is not None:
         status, headers = 304, {"ETag": f'"{etag}"'}
     if request.app[HUB].closed:
-        headers |= {"Retry-After": _retry_after(), "Connection": "close"}
+        headers |= {"Retry-After": retry_after(), "Connection": "close"}
     return web.Response(status=status, headers=headers)
 
 

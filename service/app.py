@@ -21,6 +21,7 @@ from .connections import LISTEN_BACKLOG, handler_args, raise_open_file_limit
 from .cors import setup_cors
 from .dashboard import dashboard_ctx, setup_dashboard
 from .direct import encode_poll_answer
+from .fastpoll import serve
 from .health import setup_health_routes
 from .hub import Hub
 from .keys import BACKEND, CONFIG, HUB
@@ -148,13 +149,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     hub = app[HUB]
     app.cleanup_ctx.append(scheduled_gc(lambda: hub.busy))
     freeze_startup_objects()
-    web.run_app(
+    serve(
         app,
         host=config.host,
         port=config.port,
         backlog=LISTEN_BACKLOG,
-        handler_cancellation=True,  # a client that disconnects cancels its poll: no leaked waiter
         shutdown_timeout=config.shutdown_timeout,
-        access_log=None,
-        print=None,
     )

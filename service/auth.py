@@ -23,7 +23,7 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from aiohttp import web
@@ -212,6 +212,33 @@ class TokenVerifier:
         return _grant(claims)
 
 
+VERIFIED_KEPT = 10_000  # tokens whose grant is kept (each ~1 KiB); the oldest goes first
+
+
+class VerifiedTokens:
+    """The grants of tokens already verified, until they expire: a client re-polls with the same
+    token every few seconds, and a signature check (~30 µs for HS256, more for RS256) on each of
+    10,000 re-polls would cost more than the rest of the request. A token is a fixed string
+    signed by the issuer: its grant cannot change while it is valid, and one that does not verify
+    is never kept."""
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self._verifier = verifier
+        self._grants: dict[str, Grant] = {}
+
+    def verify(self, token: str) -> Grant:
+        grant = self._grants.get(token)
+        if grant is not None and grant.valid_until is not None and time.time() < grant.valid_until:
+            return grant
+        grant = self._verifier.verify(token)  # raises for a token that is not valid
+        grants = self._grants
+        grants.pop(token, None)
+        if len(grants) >= VERIFIED_KEPT:
+            del grants[next(iter(grants))]
+        grants[token] = grant
+        return grant
+
+
 def _why_invalid(exc: jwt.InvalidTokenError) -> str:
     """What is wrong with a token, in words that give an attacker nothing new."""
     if isinstance(exc, jwt.InvalidAudienceError):
@@ -293,9 +320,17 @@ def bearer_token(request: web.Request) -> str | None:
     header = request.headers.get("Authorization")
     if header is None:
         return _subprotocol_token(request)
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token_of(header)
+    if token is None:
         raise unauthorized("invalid_token", "send the token as Authorization: Bearer <token>")
+    return token
+
+
+def token_of(authorization: str) -> str | None:
+    """The token of an ``Authorization`` header's value; None unless it says ``Bearer <token>``."""
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
     return token.strip()
 
 
@@ -342,7 +377,32 @@ def enforced_grant(request: web.Request, config: Config) -> Grant | None:
     return request.get(GRANT)
 
 
-def auth_middleware(verifier: TokenVerifier, *, public_reads: bool) -> Middleware:
+def may_read(
+    tokens: VerifiedTokens | None, public_reads: bool, authorization: str | None, task: str
+) -> bool:
+    """Whether a read of ``task`` with this ``Authorization`` header value passes the middleware
+    (``tokens`` None: auth is off); False for anything it would refuse or question (the fast
+    path then leaves the request to it, which answers the refusal)."""
+    if tokens is None:
+        return True
+    if authorization is None:
+        return public_reads
+    token = token_of(authorization)
+    if token is None:
+        return False
+    try:
+        grant = tokens.verify(token)
+        if not public_reads:
+            check_grant(grant, Access(READ_SCOPE, frozenset({task})))
+    except ApiError:
+        return False
+    return True
+
+
+TOKENS: Final = web.AppKey("tokens", VerifiedTokens)
+
+
+def auth_middleware(tokens: VerifiedTokens, *, public_reads: bool) -> Middleware:
     @web.middleware
     async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
         access = required_access(request)
@@ -355,7 +415,7 @@ def auth_middleware(verifier: TokenVerifier, *, public_reads: bool) -> Middlewar
             else:
                 # A token sent is checked even where none is needed: a client learns at once
                 # that it is expired or wrong, not at its first write.
-                grant = verifier.verify(token)
+                grant = tokens.verify(token)
                 if not public:
                     check_grant(grant, access)
                 request[GRANT] = grant
@@ -367,8 +427,8 @@ def auth_middleware(verifier: TokenVerifier, *, public_reads: bool) -> Middlewar
 def setup_auth(app: web.Application, config: Config) -> None:
     """Install the auth middleware, or, with no key configured, say loudly that anyone may write."""
     if config.auth_enabled:
-        verifier = TokenVerifier.from_config(config)
-        app.middlewares.append(auth_middleware(verifier, public_reads=config.auth_public_reads))
+        tokens = app[TOKENS] = VerifiedTokens(TokenVerifier.from_config(config))
+        app.middlewares.append(auth_middleware(tokens, public_reads=config.auth_public_reads))
         return
 
     async def warn_open(app: web.Application) -> None:

@@ -93,6 +93,9 @@ class Config:
     # Idle keep-alive connections close after this, and so do connections that have not sent
     # complete request headers by then (slowloris). Keep it above the proxy's upstream keep-alive.
     keepalive_timeout: float = 75.0
+    # Plain long polls are taken at the connection and held without a handler (fastpoll.py);
+    # off: every poll goes through aiohttp's routing and middlewares (for comparison).
+    fast_poll: bool = True
 
     def __post_init__(self) -> None:
         if not self.statuses or len(set(self.statuses)) != len(self.statuses):
@@ -409,4 +412,10 @@ def _add_security_arguments(
         "--keepalive-timeout",
         type=float,
         default=env.get("KEEPALIVE_TIMEOUT", str(d.keepalive_timeout)),
+    )
+    parser.add_argument(
+        "--fast-poll",
+        type=_flag,
+        default=env.get("FAST_POLL", str(d.fast_poll)),
+        help="true: plain long polls skip aiohttp's routing and middlewares (fastpoll.py)",
     )

@@ -232,6 +232,24 @@ class Waiter:
             if direct is not None and not direct.transport.is_closing():
                 direct.transport.resume_reading()
 
+    def _time_up(self) -> None:
+        """Hub side: the wait's deadline has passed (its tick came)."""
+        wake = self._wake
+        if wake is not None and not wake.done():
+            self._expiry = -1
+            wake.set_result(None)
+
+    def _hub_closed(self) -> None:
+        """Hub side: the hub is closing; a sleeping waiter returns (its handler answers 204)."""
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    @property
+    def parked(self) -> bool:
+        """Asleep, or handed to the hub for a direct answer (not still reading the store)."""
+        return self._wake is not None or self._direct is not None
+
 
 class Hub:
     def __init__(self, answer: AnswerEncoder | None = None) -> None:
@@ -357,25 +375,29 @@ class Hub:
 
     def _expire(self, tick: int) -> None:
         for waiter in self._expiring.pop(tick, ()):
-            wake = waiter._wake
-            if waiter._expiry == tick and wake is not None and not wake.done():
-                waiter._expiry = -1
-                wake.set_result(None)
+            if waiter._expiry == tick:
+                waiter._time_up()
 
     def close(self) -> None:
         """Release every waiter (they answer 204), e.g. on shutdown; later waits return at once."""
         self._closed = True
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                wake = waiter._wake
-                if wake is not None and not wake.done():
-                    wake.set_result(None)
+        for waiter in [w for waiters in self._waiters.values() for w in waiters]:
+            waiter._hub_closed()
 
     # --- the handler side ---------------------------------------------------------------------
 
     def waiting(self, key: str) -> Waiter:
         """A waiter on ``key`` (a task id or ``WATCH_KEY``), registered while its block runs."""
         return Waiter(self, key)
+
+    def park(self, waiter: Waiter, hold: float) -> None:
+        """Hold ``waiter``, which has no handler of its own (``fastpoll.ParkedPoll``), until the
+        hub answers it, its ``hold`` passes (``_time_up``) or it is ``unpark``-ed."""
+        self._register(waiter)
+        self._expire_at(waiter, self.loop().time() + hold)
+
+    def unpark(self, waiter: Waiter, *, disconnected: bool) -> None:
+        self._unregister(waiter, disconnected=disconnected)
 
     def _register(self, waiter: Waiter) -> None:
         key = waiter._key
@@ -412,6 +434,11 @@ class Hub:
         """A fan-out is in progress: answers to write or waiters to release on later turns."""
         return self._draining
 
+    def answer_encoder(self) -> AnswerEncoder:
+        """The encoder of long polls' answers (``Hub(answer=...)``); a hub without one has none."""
+        assert self._answer is not None, "this hub answers no poll itself"
+        return self._answer
+
     @property
     def answers_directly(self) -> bool:
         return self._answer is not None
@@ -424,12 +451,7 @@ class Hub:
         """How many waiters are parked: asleep, or handed to the hub for a direct answer (not
         still reading the store, as a waiter is right after registering). Counts every waiter:
         for tests and diagnostics, not for a hot path."""
-        return sum(
-            1
-            for waiters in self._waiters.values()
-            for waiter in waiters
-            if waiter._wake is not None or waiter._direct is not None
-        )
+        return sum(1 for waiters in self._waiters.values() for waiter in waiters if waiter.parked)
 
     @property
     def waiting_watches(self) -> int:

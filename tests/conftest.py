@@ -18,13 +18,14 @@ from typing import Any, Protocol
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from pytest_aiohttp import AiohttpClient
 
 from deploy.cluster import Instance, RedisServer
 from service.app import create_app
 from service.auth import LEEWAY_SECONDS, mint_token
 from service.config import Config
+from service.fastpoll import PollRunner
 from service.hub import Change, Hub
 from service.keys import BACKEND, HUB
 from service.model import Cursor, TaskState
@@ -138,6 +139,31 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+class ServiceTestServer(TestServer):
+    """aiohttp's test server on the runner the service runs on (``fastpoll.PollRunner``), so the
+    tests see the long polls' fast path as the processes serve it."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return PollRunner(self.app, **kwargs)
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: AiohttpClient) -> AiohttpClient:
+    """pytest-aiohttp's ``aiohttp_client``, serving an app with ``ServiceTestServer``."""
+
+    async def serve(
+        app: web.Application | BaseTestServer,
+        *,
+        server_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if isinstance(app, web.Application):
+            app = ServiceTestServer(app, **(server_kwargs or {}))
+        return await aiohttp_client(app, **kwargs)
+
+    return serve  # type: ignore[return-value]
 
 
 @pytest.fixture(params=["memory", "redis"])

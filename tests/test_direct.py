@@ -11,13 +11,14 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from service.api import NewerThan
 from service.app import release_waiters
 from service.direct import encode_poll_answer
-from service.hub import ANSWER_BATCH, Change, Hub
+from service.hub import ANSWER_BATCH, WAKE_BATCH, Change, Hub
 from service.model import Cursor, TaskState
 
 from .conftest import Client, ClientFactory, change, hub_of, put, wait_for_waiters, wait_until
@@ -194,23 +195,24 @@ async def test_an_http_1_0_poll_is_answered_the_ordinary_way(make_client: Client
 
 
 async def more_than_a_batch_held(
-    make_client: ClientFactory,
+    make_client: ClientFactory, **overrides: Any
 ) -> tuple[Client, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
     """A client, and 76 more polls of task "t" (at version 1) than one batch of direct answers,
     all held."""
-    client = await make_client()
+    client = await make_client(**overrides)
     await put(client, "t", status="in_progress")
     return client, await held_polls(client, "t", 1, ANSWER_BATCH + 76)
 
 
+@pytest.mark.parametrize("fast_poll", [True, False])
 async def test_a_large_fan_out_is_written_in_batches_and_a_burst_coalesces_to_the_newest(
-    make_client: ClientFactory,
+    make_client: ClientFactory, fast_poll: bool
 ) -> None:
     """More polls than one batch: the first ANSWER_BATCH are answered in the publish call, the
     rest on later turns of the loop; a second change published before a poll's turn comes is the
     one it gets. No answered poll is released (its connection read again) before the last
     answer is written. Every connection gets exactly one answer."""
-    client, connections = await more_than_a_batch_held(make_client)
+    client, connections = await more_than_a_batch_held(make_client, fast_poll=fast_poll)
     hub, count = hub_of(client), len(connections)
     second = Change(TaskState(task="t", status="completed", version=2), Cursor("e", 2))
     third = Change(TaskState(task="t", status="failed", version=3), Cursor("e", 3))
@@ -222,8 +224,10 @@ async def test_a_large_fan_out_is_written_in_batches_and_a_burst_coalesces_to_th
             break
         await asyncio.sleep(0)
     assert hub.direct_answers == count
-    # ...and no answered poll was released before the last one was written: all still held
-    assert hub.waiting_total == count
+    # ...and no answered poll was released before the last one was written: the turn that wrote
+    # the last answers released the first batch (a parked poll ends when released; a handler's
+    # waiter when its handler runs, later), no more
+    assert hub.waiting_total == (count - WAKE_BATCH if fast_poll else count)
     answers = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
     etags = Counter(dict(headers)["ETag"] for _, headers, _ in answers)
     assert etags == {'"2"': ANSWER_BATCH, '"3"': 76}
@@ -366,13 +370,15 @@ async def test_a_client_that_leaves_before_its_turn_in_a_fan_out_is_not_answered
     assert troubles(caplog) == []
 
 
+@pytest.mark.parametrize("fast_poll", [True, False])
 async def test_shutdown_during_a_fan_out_answers_every_poll_once_with_the_change_it_was_due(
-    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture, fast_poll: bool
 ) -> None:
     """SIGTERM's release of the waiters (``release_waiters``) comes after the first batch of a
-    fan-out is written: the polls whose answers were still due take the change themselves and
-    answer it the ordinary way, instead of a 204; the hub writes none of them a second answer."""
-    client = await make_client()
+    fan-out is written: the polls whose answers were still due get the change, not a 204 (a
+    handler's takes it and answers it the ordinary way; the hub writes a parked poll's); none
+    gets a second answer."""
+    client = await make_client(fast_poll=fast_poll)
     await put(client, "t", status="in_progress")
     connections = await held_polls(client, "t", 1, 4 * ANSWER_BATCH)
     hub = hub_of(client)
@@ -383,7 +389,10 @@ async def test_shutdown_during_a_fan_out_answers_every_poll_once_with_the_change
     assert Counter((status, dict(headers).get("ETag")) for status, headers, _ in answers) == {
         ("HTTP/1.1 200 OK", '"2"'): len(connections)
     }
-    assert ANSWER_BATCH <= hub.direct_answers < len(connections)  # the rest: the ordinary way
+    if fast_poll:
+        assert hub.direct_answers == len(connections)  # no handler: the hub writes every one
+    else:
+        assert ANSWER_BATCH <= hub.direct_answers < len(connections)  # the rest: the ordinary way
     await wait_for_waiters(client, 0, 10)
     await wait_until(lambda: not hub.busy, 5, "the fan-out to end")
     for _, writer in connections:  # nothing more arrives on any of them (a second answer)
@@ -393,13 +402,16 @@ async def test_shutdown_during_a_fan_out_answers_every_poll_once_with_the_change
     assert troubles(caplog) == []
 
 
+@pytest.mark.parametrize("fast_poll", [True, False])
 async def test_a_poll_that_is_behind_on_a_connection_already_closing_is_not_answered_directly(
-    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture, fast_poll: bool
 ) -> None:
     """A client sends a poll that is behind and closes at once: the loop reads the request, then
     the FIN (closing the connection), then runs the handler. ``answer_now`` must see the
-    connection closing and leave the poll to the ordinary path, which has nowhere to write."""
-    client = await make_client()
+    connection closing and leave the poll to the ordinary path, which has nowhere to write. (The
+    fast path answers as it reads the request, before the FIN: the client, which only closed
+    its sending side, reads the answer.)"""
+    client = await make_client(fast_poll=fast_poll)
     hub = hub_of(client)
     await put(client, "t", status="in_progress")
     await put(client, "t", status="completed")
@@ -407,15 +419,19 @@ async def test_a_poll_that_is_behind_on_a_connection_already_closing_is_not_answ
     reader, writer = await open_raw(client)
     writer.write(f"GET /api/tasks/t/poll?since=0 HTTP/1.1\r\nHost: {client.host}\r\n\r\n".encode())
     writer.get_extra_info("socket").shutdown(socket.SHUT_WR)
-    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing written
-    assert hub.direct_answers == 0
+    if fast_poll:
+        status, headers, _ = await read_answer(reader)
+        assert (status, dict(headers)["ETag"]) == ("HTTP/1.1 200 OK", '"2"')
+        assert hub.direct_answers == 1
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing (more) written
+    assert hub.direct_answers == fast_poll
     await wait_for_waiters(client, 0)
     await wait_until(lambda: not hub.busy, 5, "the fan-out to end")
     # The connection was not queued to be read again: the hub's next answers are unaffected.
     behind = await raw_poll(client, "t", 1)
     _, headers, _ = await read_answer(behind[0])
     assert dict(headers)["ETag"] == '"2"'
-    assert hub.direct_answers == 1
+    assert hub.direct_answers == 1 + fast_poll
     assert troubles(caplog) == []
 
 
