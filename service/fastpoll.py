@@ -173,19 +173,43 @@ def plain_query(query: str) -> dict[str, str] | None:
 
 
 class ParkedPoll(Waiter):
-    """A held long poll with no handler: the hub answers it (``Waiter._write_answer``), then
-    ``_release`` ends it; or its hold passes (``_time_up``), or the hub closes, or its client
-    leaves (``PollConnection.connection_lost``)."""
+    """A held long poll with no handler: the hub writes its answer (``_write_answer``), which
+    ends it; or its hold passes (``_time_up``), or the hub closes, or its client leaves
+    (``PollConnection.connection_lost``). Only the hub's side of ``Waiter`` is used."""
 
-    __slots__ = ("_conn", "_route")
+    __slots__ = ("_conn", "_route", "_since")
 
     def __init__(self, route: FastPoll, conn: PollConnection, task: str, since: int) -> None:
-        super().__init__(route.hub, task)
+        # (not Waiter.__init__: none of a handler's wait state is needed, 10,000 times over)
+        self._hub, self._key, self._since = route.hub, task, since
         self._route: FastPoll | None = route  # None once it has ended
         self._conn = conn
-        transport = conn.transport
-        assert transport is not None
-        self.answer_directly(transport, since)
+        self._due = self.delivered = None
+        self._wake = None
+        self._expiry = 0
+
+    @property
+    def parked(self) -> bool:
+        return True
+
+    def _offer(self, change: Change) -> bool:
+        if self.delivered is not None or self._route is None or change.state.version <= self._since:
+            return False  # answered or ended, or a change it has (stale, or a duplicate)
+        first = self._due is None
+        self._due = change  # the newest one is the one its answer will carry
+        return first
+
+    def _write_answer(self, encode: AnswerEncoder) -> None:
+        route, change = self._route, self._due
+        if route is None or change is None:
+            return
+        self._due = None
+        transport = self._conn.transport
+        if transport is None or transport.is_closing():
+            return  # the client left: connection_lost ends it
+        transport.write(change.answer(encode))
+        transport.pause_reading()  # until ``_release``: see ``Waiter._write_answer``
+        self.delivered = change
 
     def _release(self) -> None:
         route, change = self._route, self.delivered
@@ -193,7 +217,7 @@ class ParkedPoll(Waiter):
             return  # ended already, or its client left before the answer was written
         transport = self._conn.transport
         if transport is not None and not transport.is_closing():
-            transport.resume_reading()  # (the hub paused it when it wrote the answer)
+            transport.resume_reading()
         self._end(route, "changed", change)
 
     def _time_up(self) -> None:
