@@ -1,9 +1,10 @@
-"""The report of one run: Markdown tables (printed, and ``table.md``), ratios to each peer, the
-issue's six targets with their measured ratio, a PNG chart of fan-out time-to-last vs N, and the
-transport comparison (long polling, SSE, WebSocket)."""
+"""The report of one run: Markdown tables (printed, and ``table.md``), ratios to each peer, issue
+16's targets with their measured ratio and verdict (counted at the top), a PNG chart of fan-out
+time-to-last vs N, and the transport comparison (long polling, SSE, WebSocket)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,9 @@ import matplotlib.pyplot as plt
 
 Record = dict[str, Any]
 Table = dict[tuple[str, int], Record]
+Row = list[str]
+# Target 7's reference figures (nothing else gets worse): see bench/README.md.
+BASELINE = Path(__file__).resolve().parent / "baseline.json"
 TRANSPORTS = ("longpoll", "sse", "ws", "ws-deflate")
 SERVICE = ("service-1", "service-3")
 PEERS = ("nchan-1", "nchan-2", "seed")
@@ -82,6 +86,27 @@ def _cores(r: Record) -> float | None:
     return sum(r["server_cpu"].values()) / seconds if seconds else None
 
 
+def _lag(r: Record | None) -> tuple[Record | None, float | None]:
+    """The instance with the largest event-loop lag in ``r``'s window (``loop_lag`` of a service
+    target's record), and the largest since any instance started; None for a peer (no such
+    figure) or a record from before the bench read it."""
+    lags = list(((r or {}).get("loop_lag") or {}).values())
+    if not lags:
+        return None, None
+    worst = max(lags, key=lambda lag: lag["max_ms"])
+    return worst, max(lag["since_start_ms"] for lag in lags)
+
+
+def _lag_ms(lag: Record) -> str:
+    """The largest lag of a window: exact, or "<=" an upper bound (see ``scenarios.loop_lag``)."""
+    return ("" if lag["max_exact"] else "<= ") + _f(lag["max_ms"], 1)
+
+
+def _lag_cell(r: Record) -> str:
+    worst, since_start = _lag(r)
+    return "-" if worst is None else f"{_lag_ms(worst)} / {_f(since_start, 1)}"
+
+
 def header(run: Record, records: list[Record], jsonl: Path) -> list[str]:
     m, lc = run["machine"], run["load_client"]
     elapsed = next((r["seconds"] for r in records if r["scenario"] == "elapsed"), None)
@@ -112,7 +137,10 @@ def fanout_section(fan: Table, settings: dict[str, Any]) -> list[str]:
         f" {settings['probe_interval'] * 1e3:.0f} ms while the fan-out is delivered. *Server CPU*:"
         " all processes of the target (instances, nginx, Nchan, Redis, the seed) per 1,000"
         " notifications, the re-polls they cause included."
-        " *Client busy*: CPU of the busiest load process / time-to-last.",
+        " *Client busy*: CPU of the busiest load process / time-to-last. *Loop lag max*: the"
+        " largest event-loop lag of the target's instances over the rounds (`<=`: an upper bound,"
+        " the histogram's bucket), then the largest since they started (opening the polls"
+        " included); read from each instance's `/metrics`, none for the peers.",
         "",
     ]
     rows = []
@@ -133,12 +161,13 @@ def fanout_section(fan: Table, settings: dict[str, Any]) -> list[str]:
                 _f(r["server_cpu_ms_per_1k"]),
                 f"{r['client_worker_busy_max']:.0%}",
                 _f(r.get("other_cpu_share"), 2),
+                _lag_cell(r),
                 str(r["missing"]),
             ]
         )
     head = ["target", "N", "held", "time-to-last ms", "p50 ms", "p99 ms",
             "write ack p50 / max ms", "other writes p99 ms", "server CPU ms / 1k", "client busy",
-            "other load", "missed"]  # fmt: skip
+            "other load", "loop lag max ms", "missed"]  # fmt: skip
     return lines + _table(head, rows)
 
 
@@ -148,7 +177,8 @@ def hold_section(hold: Table) -> list[str]:
         "",
         "PSS growth of each process group from before the polls were opened until all were held,"
         " divided by the polls it holds (instances and Nchan servers: their own count; nginx and"
-        " the seed: all).",
+        " the seed: all). *Loop lag max*: the largest event-loop lag of the instances while the"
+        " polls were opened.",
         "",
     ]
     rows = []
@@ -163,10 +193,12 @@ def hold_section(hold: Table) -> list[str]:
                 f"{r['open_seconds']:.1f}",
                 _f(_node_kib(r, ("instance", "nchan", "seed")), 1),
                 _f(kib.get("nginx"), 1),
+                "-" if (worst := _lag(r)[0]) is None else _lag_ms(worst),
                 ", ".join(f"{k} {v:.1f}" for k, v in kib.items()),
             ]
         )
-    head = ["target", "N", "held", "open s", "KiB / poll, worst node", "nginx KiB / poll", "all"]
+    head = ["target", "N", "held", "open s", "KiB / poll, worst node", "nginx KiB / poll",
+            "loop lag max ms", "all"]  # fmt: skip
     return lines + _table(head, rows)
 
 
@@ -271,65 +303,156 @@ def _accepted(r: Record | None) -> float | None:
     return r["accepted_per_s"] if r else None
 
 
-def targets_section(fan: Table, tput: Table, hold: Table) -> list[str]:
-    sizes = sorted({n for _, n in fan})
-    big = 10_000 if 10_000 in sizes else (sizes[-1] if sizes else 0)
-    mid = 5_000 if 5_000 in sizes else big
-    small = 1_000 if 1_000 in sizes else (sizes[0] if sizes else 0)
-    rows: list[list[str]] = []
+N_TARGET = 10_000  # the poll count of issue 16's targets
+LAG_LIMIT_MS = 50.0  # target 5: no pause longer than this (and the fan-out write's max ack)
 
-    def row(name: str, measured: str, ratio: float | None, limit: float, at_most: bool) -> None:
-        verdict = "-"
-        if ratio is not None:
-            verdict = "met" if (ratio <= limit if at_most else ratio >= limit) else "**not met**"
-        rows.append([name, measured, _f(ratio, 2), verdict])
 
-    def ttl(target: str, n: int) -> float | None:
-        r = fan.get((target, n))
-        return r["time_to_last_ms"]["median"] if r else None
+def _get(record: Record | None, *fields: str) -> Any:
+    """``record[f1][f2]...``, or None where a record or field is missing (an older record)."""
+    value: Any = record
+    for field in fields:
+        value = None if value is None else value.get(field)
+    return value
 
-    for ours, peer in (("service-3", "nchan-2"), ("service-1", "nchan-1")):
-        a, b = ttl(ours, big), ttl(peer, big)
-        name = f"1. time-to-last N={big:,}, {_title(ours)} / {_title(peer)} (<= 1)"
-        row(name, f"{_f(a)} ms vs {_f(b)} ms", _ratio(a, b), 1.0, True)
+
+def _vs(a: float | None, b: float | None, unit: str, digits: int = 0) -> str:
+    """ "a unit vs b unit", or "-" when neither was measured."""
+    if a is None and b is None:
+        return "-"
+    return f"{_f(a, digits)} {unit} vs {_f(b, digits)} {unit}"
+
+
+def _unit(a: float | None, unit: str, digits: int = 0) -> str:
+    return "-" if a is None else f"{_f(a, digits)} {unit}"
+
+
+def _row(name: str, measured: str, ratio: float | None, limit: float, at_most: bool) -> Row:
+    """A target's row: met when ``ratio`` is at most ``limit`` (``at_most``) or at least it;
+    "-" when not measured."""
+    verdict = "-"
+    if ratio is not None:
+        verdict = "met" if (ratio <= limit if at_most else ratio >= limit) else "**not met**"
+    return [name, measured, _f(ratio, 2), verdict]
+
+
+def target_rows(
+    fan: Table,
+    tput: Table,
+    hold: Table,
+    many: dict[str, Record],
+    transports: list[Record],
+    run: Record,
+    baseline: Record,
+) -> list[Row]:
+    """Issue 16's targets, a row each: name, measured, ratio, verdict ("met", "**not met**", or
+    "-" when this run did not measure it)."""
+    n = N_TARGET
+    rows: list[Row] = []
+
+    def at(target: str, *fields: str) -> float | None:
+        value: float | None = _get(fan.get((target, n)), *fields)
+        return value
+
+    for ours, peer, limit in (("service-3", "nchan-2", 1.0), ("service-1", "nchan-1", 0.9)):
+        a, b = at(ours, "time_to_last_ms", "median"), at(peer, "time_to_last_ms", "median")
+        number = 1 if ours == "service-3" else 2
+        name = f"{number}. time-to-last N={n:,}, {_title(ours)} / {_title(peer)} (<= {limit:g})"
+        rows.append(_row(name, _vs(a, b, "ms"), _ratio(a, b), limit, True))
+    # server CPU in ms per 1,000 notifications is µs per notification
+    a, b = at("service-3", "server_cpu_ms_per_1k"), at("nchan-2", "server_cpu_ms_per_1k")
+    name = f"3. server CPU per notification N={n:,}, {_title('service-3')} / {_title('nchan-2')}"
+    rows.append(_row(f"{name} (<= 1)", _vs(a, b, "µs"), _ratio(a, b), 1.0, True))
+    a = at("service-1", "server_cpu_ms_per_1k")
+    name = f"3. server CPU per notification N={n:,}, {_title('service-1')} / 25 µs (<= 1)"
+    rows.append(_row(name, _unit(a, "µs"), _ratio(a, 25.0), 1.0, True))
+    a = at("service-3", "write_during_fanout_ms", "p99_ms")
+    b = at("nchan-2", "write_during_fanout_ms", "p99_ms")
+    pair = f"{_title('service-3')} / {_title('nchan-2')}"
+    name = f"4. other writes p99 during the fan-out N={n:,}, {pair} (<= 1)"
+    rows.append(_row(name, _vs(a, b, "ms", 1), _ratio(a, b), 1.0, True))
     for ours in SERVICE:
-        r = fan.get((ours, big))
-        p99 = r["write_during_fanout_ms"]["p99_ms"] if r else None
-        ack = r["fanout_write_ack_ms"]["max_ms"] if r else None
-        name = f"2. write p99 during fan-out N={big:,}, {_title(ours)} / 20 ms (<= 1)"
-        measured = f"{_f(p99, 1)} ms (the fan-out write's own ack: max {_f(ack, 1)} ms)"
-        row(name, measured, _ratio(p99, 20.0), 1.0, True)
-    nchan = _node_kib(hold.get(("nchan-1", big)), ("nchan",))
+        worst, since_start = _lag(fan.get((ours, n)))
+        measured, lag = "-", None
+        if worst is not None:
+            lag = worst["max_ms"]
+            measured = f"{_lag_ms(worst)} ms over the rounds; {_f(since_start, 1)} ms since start"
+        name = f"5. event-loop lag max, {n:,} polls held, {_title(ours)} / {LAG_LIMIT_MS:.0f} ms"
+        rows.append(_row(f"{name} (<= 1)", measured, _ratio(lag, LAG_LIMIT_MS), 1.0, True))
     for ours in SERVICE:
-        kib = _node_kib(hold.get((ours, big)), ("instance",))
-        name = f"3. memory per held poll N={big:,}, {_title(ours)} / 12 KiB (<= 1)"
-        row(name, f"{_f(kib, 1)} KiB (Nchan: {_f(nchan, 1)} KiB)", _ratio(kib, 12.0), 1.0, True)
+        ack = at(ours, "fanout_write_ack_ms", "max_ms")
+        name = f"5. fan-out write's max ack N={n:,}, {_title(ours)} / {LAG_LIMIT_MS:.0f} ms (<= 1)"
+        rows.append(_row(name, _unit(ack, "ms", 1), _ratio(ack, LAG_LIMIT_MS), 1.0, True))
     for ours in SERVICE:
-        # the most writers run is the one that shows how many updates the target accepts
-        runs = sorted((w, r) for (t, w), r in tput.items() if t == ours)
-        measured, rate = "-", None
-        if runs:
-            most, t = runs[-1]
-            rate = t["accepted_per_s"]
-            fewer = "".join(f", {_f(r['accepted_per_s'])}/s with {w}" for w, r in runs[:-1])
-            measured = (
-                f"{_f(rate)}/s with {most} writers{fewer}; lag p99"
-                f" {t['lag_versions_p99']} versions, all got the last: {t['converged']}"
-            )
-        name = f"4. accepted updates/s, 1,000 polls, {_title(ours)} / 2,000 (>= 1)"
-        row(name, measured, _ratio(rate, 2000.0), 1.0, False)
-    for ours in SERVICE:
-        at_big, at_small = fan.get((ours, big)), fan.get((ours, small))
-        ca = at_big["server_cpu_ms_per_1k"] if at_big else None
-        cb = at_small["server_cpu_ms_per_1k"] if at_small else None
-        name = f"5. server CPU per notification, {_title(ours)}: N={big:,} / N={small:,} (<= 1.25)"
-        ratio = _ratio(ca, cb) if big != small else None
-        row(name, f"{_f(ca)} vs {_f(cb)} ms per 1,000", ratio, 1.25, True)
-    for ours in SERVICE:
-        a, b = ttl("seed", mid), ttl(ours, mid)
-        name = f"6. time-to-last N={mid:,}, seed / {_title(ours)} (>= 30)"
-        row(name, f"{_f(a)} ms vs {_f(b)} ms", _ratio(a, b), 30.0, False)
-    return ["## The issue's targets", "", *_table(["target", "measured", "ratio", ""], rows)]
+        kib = _node_kib(hold.get((ours, n)), ("instance",))
+        name = f"6. KiB per held poll N={n:,}, worst instance, {_title(ours)} / 10 KiB (<= 1)"
+        rows.append(_row(name, _unit(kib, "KiB", 1), _ratio(kib, 10.0), 1.0, True))
+    return rows + baseline_rows(tput, many, transports, run, baseline)
+
+
+def baseline_rows(
+    tput: Table, many: dict[str, Record], transports: list[Record], run: Record, base: Record
+) -> list[Row]:
+    """Target 7, nothing else gets worse: each figure of ``baseline.json`` against this run's,
+    compared only when this run measured it the same way (as many polls, tasks x polls, clients);
+    met when at least as good: a rate at least the baseline, a delay or a CPU cost at most."""
+    rows: list[Row] = []
+
+    def row(name: str, measured: float | None, was: float, unit: str, higher: bool) -> None:
+        figures = "-" if measured is None else f"{_f(measured, 1)} vs {_f(was, 1)} {unit}"
+        name = f"7. {name} ({'>=' if higher else '<='} baseline)"
+        rows.append(_row(name, figures, _ratio(measured, was), 1.0, not higher))
+
+    settings = run.get("settings", {})
+    t, m, c = base["throughput"], base["many_tasks"], base["transports"]
+    if settings.get("throughput_waiters") != t["polls"]:
+        tput = {}
+    if (settings.get("many_tasks"), settings.get("many_waiters")) != (
+        m["tasks"],
+        m["waiters_per_task"],
+    ):
+        many = {}
+    if _get(run, "transport_settings", "clients") != c["clients"]:
+        transports = []
+    for ours, by_writers in t["accepted_per_s"].items():
+        for writers, was in by_writers.items():
+            name = f"accepted updates/s, {t['polls']:,} polls, {writers} writers, {_title(ours)}"
+            row(name, _get(tput.get((ours, int(writers))), "accepted_per_s"), was, "/s", True)
+    shape = f"many tasks {m['tasks']:,} x {m['waiters_per_task']}"
+    for ours, was in m["delay_p99_ms"].items():
+        name = f"{shape}, delay p99, {_title(ours)}"
+        row(name, _get(many.get(ours), "delay", "p99_ms"), was, "ms", False)
+    for ours, was in m["accepted_per_s"].items():
+        name = f"{shape}, accepted writes/s, {_title(ours)}"
+        row(name, _get(many.get(ours), "accepted_per_s"), was, "/s", True)
+    by = {(r["target"], r["transport"]): r for r in transports}
+    for ours, by_transport in c["cpu_us_per_notification"].items():
+        for transport, was in by_transport.items():
+            what = TRANSPORT_TITLES.get(transport, transport)
+            name = f"{what}, server CPU / notification, {c['clients']:,} clients, {_title(ours)}"
+            row(name, _get(by.get((ours, transport)), "cpu_us_per_notification"), was, "µs", False)
+    return rows
+
+
+def count_line(rows: list[Row]) -> str:
+    met = sum(r[3] == "met" for r in rows)
+    missed = sum(r[3] == "**not met**" for r in rows)
+    return (
+        f"**{met} of issue 16's {len(rows)} target rows met**, {missed} not met,"
+        f" {len(rows) - met - missed} not measured in this run (the table at the end)."
+    )
+
+
+def targets_section(rows: list[Row], baseline: Record) -> list[str]:
+    return [
+        "## The issue's targets (issue 16)",
+        "",
+        "Ratios against the peers in this run and the issue's bounds; target 7 against"
+        f" `bench/{BASELINE.name}` ({baseline.get('run', '?')}). `-`: not measured in this run"
+        " (a target, size or scenario left out, another number of polls or clients, or a record"
+        " from before the figure was read).",
+        "",
+        *_table(["target", "measured", "ratio", ""], rows),
+    ]
 
 
 TRANSPORT_TITLES = {
@@ -392,12 +515,14 @@ def transports_section(records: list[Record], settings: dict[str, Any]) -> list[
     return lines + _table(head, rows)
 
 
-def write_report(records: list[Record], out: Path, jsonl: Path) -> str:
+def write_report(records: list[Record], out: Path, jsonl: Path, baseline: Path = BASELINE) -> str:
     run = next(r for r in records if r["scenario"] == "run")
     fan, hold = _by(records, "fanout"), _by(records, "hold")
     tput, many = _by(records, "throughput", "writers"), _one_each(records, "many_tasks")
     transports = [r for r in records if r["scenario"] == "transport"]
-    lines = header(run, records, jsonl)
+    base = json.loads(baseline.read_text())
+    targets = target_rows(fan, tput, hold, many, transports, run, base)
+    lines = [*header(run, records, jsonl), "", count_line(targets)]
     if fan or hold:
         lines += ["", *fanout_section(fan, run["settings"]), "", *hold_section(hold)]
     if tput:
@@ -405,9 +530,10 @@ def write_report(records: list[Record], out: Path, jsonl: Path) -> str:
     if many:
         lines += ["", *many_section(many)]
     if fan or tput or hold:
-        lines += ["", *ratios_section(fan, tput, hold), "", *targets_section(fan, tput, hold)]
+        lines += ["", *ratios_section(fan, tput, hold)]
     if transports:
         lines += ["", *transports_section(transports, run["transport_settings"])]
+    lines += ["", *targets_section(targets, base)]
     other = [r for r in records if r["scenario"] in ("failed", "skipped")]
     if other:
         lines += ["", "## Not measured", ""]

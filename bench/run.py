@@ -298,6 +298,16 @@ def _plain(value: object) -> object:
     return str(value)
 
 
+def _lag_text(record: Record) -> str:
+    """Each instance's largest event-loop lag in the record's window ("<=": an upper bound)."""
+    lags = record.get("loop_lag") or {}
+    each = ", ".join(
+        f"{role} {'' if lag['max_exact'] else '<='}{lag['max_ms']:.1f}"
+        for role, lag in lags.items()
+    )
+    return f"; loop lag max ms {each}" if each else ""
+
+
 def _one_line(record: Record) -> str:
     kind = record["scenario"]
     head = f"[{kind}] {record.get('target', '')} n={record.get('n', '')}"
@@ -309,12 +319,12 @@ def _one_line(record: Record) -> str:
             f"{head}: time-to-last {ttl['median']:.0f} ms ({ttl['min']:.0f}-{ttl['max']:.0f}),"
             f" p50 {record['p50_ms']:.0f} ms, write ack p50 {ack:.1f} ms, other writes p99"
             f" {probes:.1f} ms, missed {record['missing']},"
-            f" client busy {record['client_worker_busy_max']:.0%}"
+            f" client busy {record['client_worker_busy_max']:.0%}{_lag_text(record)}"
         )
     if kind == "hold":
         kib = ", ".join(f"{k} {v:.1f}" for k, v in record["kib_per_waiter"].items())
         held, seconds = record["held_server"], record["open_seconds"]
-        return f"{head}: held {held} in {seconds:.1f} s; KiB/poll {kib}"
+        return f"{head}: held {held} in {seconds:.1f} s; KiB/poll {kib}{_lag_text(record)}"
     if kind == "throughput":
         return (
             f"{head}, {record['writers']} writers: {record['accepted_per_s']:.0f} updates/s,"

@@ -2,7 +2,8 @@
 
 Every delivery is timed from the moment the coordinator sent the update (``time.monotonic()`` in
 every process). Server CPU and memory come from /proc (psutil) for every process of the target:
-service instances, nginx master and workers, Nchan, Redis, the seed.
+service instances, nginx master and workers, Nchan, Redis, the seed. The event loop's lag of each
+service instance comes from the instance's own ``/metrics`` (``service/looplag.py``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from .dialects import DIALECTS
 from .load import LoadClient, SyncHttp, WriteSpec
-from .targets import Target, running
+from .targets import Target, get_text, running
 
 FAN_TASK, PROBE_TASK = "fan", "probe"
 Record = dict[str, Any]
@@ -105,6 +107,65 @@ def memory(pids: dict[str, list[int]]) -> dict[str, dict[str, int]]:
 
 def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: after[k] - before.get(k, 0.0) for k in after}
+
+
+# --- what the instances tell about their event loops -----------------------------------------
+
+LAG_BUCKET = "taskstatus_event_loop_lag_seconds_bucket"
+LAG_MAX = "taskstatus_event_loop_lag_max_seconds"
+LagScrape = tuple[dict[float, float], float]  # cumulative count per bucket bound, the max gauge
+
+
+def loop_lag_scrape(target: Target) -> dict[str, LagScrape]:
+    """Each service instance's lag histogram and max lag, from its own ``/metrics``; an instance
+    that does not answer (or predates the metric) is left out."""
+    out: dict[str, LagScrape] = {}
+    for role, port in target.instance_ports().items():
+        try:
+            text = get_text(port, "/metrics", timeout=10.0)
+        except OSError:
+            continue
+        buckets: dict[float, float] = {}
+        top = None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == LAG_BUCKET:
+                    buckets[float(sample.labels["le"])] = sample.value
+                elif sample.name == LAG_MAX:
+                    top = sample.value
+        if buckets and top is not None:
+            out[role] = (buckets, top)
+    return out
+
+
+def loop_lag(before: dict[str, LagScrape], after: dict[str, LagScrape]) -> dict[str, Record]:
+    """The lag of each instance between two scrapes, in ms:
+
+    - ``le_ms``: the highest bucket bound that gained observations (None past the largest bound);
+    - ``max_ms``: the largest lag in between: the max gauge, exact (``max_exact``), when it rose
+      meanwhile; else at most the lower of ``le_ms`` and the gauge before;
+    - ``since_start_ms``: the max gauge at the end, the largest since the instance started."""
+    out: dict[str, Record] = {}
+    for role, (b1, top1) in after.items():
+        if role not in before:
+            continue
+        b0, top0 = before[role]
+        gained, below1, below0 = None, 0.0, 0.0
+        for bound in sorted(b1):
+            if b1[bound] - below1 > b0.get(bound, 0.0) - below0:
+                gained = bound
+            below1, below0 = b1[bound], b0.get(bound, 0.0)
+        if gained is None:
+            continue  # nothing observed: no monitor running
+        exact = top1 > top0
+        bound_ms = None if math.isinf(gained) else gained * 1e3
+        out[role] = {
+            "le_ms": bound_ms,
+            "max_ms": top1 * 1e3 if exact else min(gained * 1e3, top0 * 1e3),
+            "max_exact": exact,
+            "since_start_ms": top1 * 1e3,
+        }
+    return out
 
 
 # --- writes the coordinator times itself ------------------------------------------------------
@@ -214,12 +275,14 @@ def hold_and_fanout(
         writer.probe_version = create_task(target, PROBE_TASK)
         pids = target.pids()
         mem0 = memory(pids)
+        lag0 = loop_lag_scrape(target)
         t_open = time.monotonic()
         opened = open_polls(client, target, [FAN_TASK], [0] * n)
         held_ok, status, server_held = wait_held(client, target, n, settings.hold_timeout)
         open_seconds = time.monotonic() - t_open
         by_role = target.waiting_by_role()
         mem1 = memory(pids)
+        lag1 = loop_lag_scrape(target)
         emit(
             {
                 "scenario": "hold",
@@ -234,11 +297,13 @@ def hold_and_fanout(
                 "memory_before": mem0,
                 "memory_held": mem1,
                 "kib_per_waiter": per_waiter_kib(mem0, mem1, by_role, server_held),
+                "loop_lag": loop_lag(lag0, lag1),  # while the polls were opened
                 "errors": status["errors"],
             }
         )
         rounds: list[Record] = []
         profilers = start_profiles(target, settings.profile, f"{key}-{n}")
+        lag2 = loop_lag_scrape(target)
         started = time.monotonic()
         for r in range(settings.rounds + settings.probe_rounds):
             spent = time.monotonic() - started
@@ -247,6 +312,7 @@ def hold_and_fanout(
             if spent > settings.phase_budget * (1 if probe else 3) and (probe or r >= 3):
                 break
             rounds.append(fanout_round(client, target, writer, settings, probe))
+        lag3 = loop_lag_scrape(target)
         stop_profiles(profilers)
         mem2 = memory(pids)
         clean = [x for x in rounds if not x["probe"]]
@@ -280,6 +346,7 @@ def hold_and_fanout(
                 "other_cpu_share": sum(x["other_cpu"] for x in clean)
                 / max(1e-9, sum(x["seconds"] for x in clean)),
                 "memory_after_rounds": mem2,
+                "loop_lag": loop_lag(lag2, lag3),  # over the rounds, every poll held
                 "errors": final["errors"],
             }
         )

@@ -8,7 +8,9 @@
   (``deploy/nginx/nginx.conf``), the same balancer as ``service-3``.
 
 Every target reports which processes are its server (for CPU and memory) and how many polls its
-server side holds now (``/healthz`` of each instance, ``nchan_stub_status`` of each Nchan).
+server side holds now (``/healthz`` of each instance, ``nchan_stub_status`` of each Nchan); a
+target of this service also the port of each instance, whose ``/metrics`` is read directly (nginx
+answers it 404).
 """
 
 from __future__ import annotations
@@ -157,6 +159,10 @@ class Target:
     def waiting(self) -> int:
         return sum(self.waiting_by_role().values())
 
+    def instance_ports(self) -> dict[str, int]:
+        """Each service instance's own port, by role (none for the seed and Nchan)."""
+        return {}
+
     def pids(self) -> dict[str, list[int]]:
         out = {}
         for role, child in self.roles.items():
@@ -185,6 +191,9 @@ class ServiceOne(Target):
 
     def waiting_by_role(self) -> dict[str, int]:
         return {"instance-1": healthz_polls(self.instance.port)}
+
+    def instance_ports(self) -> dict[str, int]:
+        return {"instance-1": self.instance.port}
 
 
 class ServiceOneNoGC(ServiceOne):
@@ -220,6 +229,9 @@ class ServiceCluster(Target):
 
     def waiting_by_role(self) -> dict[str, int]:
         return {i.instance_id: healthz_polls(i.port) for i in self.cluster.instances}
+
+    def instance_ports(self) -> dict[str, int]:
+        return {i.instance_id: i.port for i in self.cluster.instances}
 
 
 class Seed(Target):

@@ -25,6 +25,7 @@ from .fastpoll import serve
 from .health import setup_health_routes
 from .hub import Hub
 from .keys import BACKEND, CONFIG, HUB
+from .looplag import loop_lag_ctx
 from .metrics import setup_metrics
 from .middleware import add_security_headers, add_standard_headers, errors_middleware
 from .openapi import setup_openapi_routes
@@ -112,6 +113,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(dashboard_ctx)  # shares its stats once the backend is up
     app.cleanup_ctx.append(retention_ctx)  # sweeps once the backend is up
     app.cleanup_ctx.append(waiting_clients_log_ctx)
+    app.cleanup_ctx.append(loop_lag_ctx)  # the event loop's lag, for /metrics
     app.on_shutdown.append(release_waiters)
     return app
 

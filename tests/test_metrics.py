@@ -23,6 +23,7 @@ from deploy.cluster import RedisServer
 from service.app import create_app
 from service.config import Config
 from service.keys import HUB
+from service.looplag import INTERVAL
 
 from .conftest import Client, ClientFactory, put, wait_for_waiters, wait_until
 
@@ -222,6 +223,28 @@ async def test_notify_delay_is_at_most_the_time_from_the_write_to_the_answer(
     assert one_second == delivered(after), "a delivery on one instance takes well under 1 s"
 
 
+def lag_count(samples: Samples, at_most: str = "+Inf") -> float:
+    """Lags observed so far (of at most ``at_most`` seconds: a bucket's bound)."""
+    return value(samples, "taskstatus_event_loop_lag_seconds_bucket", le=at_most)
+
+
+async def test_a_blocked_event_loop_shows_as_lag_and_as_the_max_lag(client: Client) -> None:
+    """The server runs in the test's loop: blocking the test blocks it, as a GC pause would."""
+    before = await until_scraped(client, lambda s: lag_count(s) > 0, "a first lag observation")
+    time.sleep(0.2)  # noqa: ASYNC251 - the pause under test
+    after = await until_scraped(
+        client,
+        lambda s: lag_count(s) - lag_count(s, "0.1") > lag_count(before) - lag_count(before, "0.1"),
+        "a lag over 0.1 s to be observed",
+    )
+    # The monitor's sleep under way when the pause began had at most INTERVAL of it left.
+    assert value(after, "taskstatus_event_loop_lag_max_seconds") >= 0.2 - INTERVAL
+    assert value(before, "taskstatus_event_loop_lag_max_seconds") < 0.2 - INTERVAL
+    assert value(after, "taskstatus_event_loop_lag_seconds_sum") >= value(
+        before, "taskstatus_event_loop_lag_seconds_sum"
+    ) + (0.2 - INTERVAL)
+
+
 async def test_tasks_in_the_store_are_counted(client: Client) -> None:
     for task in ("t1", "t2", "t3"):
         await put(client, task, progress=1)
@@ -327,6 +350,8 @@ async def test_metrics_scrape_over_real_http(client: Client) -> None:
         "taskstatus_polls_answered",
         "taskstatus_writes",
         "taskstatus_notify_delay_seconds",
+        "taskstatus_event_loop_lag_seconds",
+        "taskstatus_event_loop_lag_max_seconds",
         "taskstatus_pubsub_reconnects",
         "taskstatus_redis_errors",
         "process_resident_memory_bytes",
