@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("event loop: %s", install_event_loop(config.event_loop))
     app = create_app(config)
     hub = app[HUB]
-    app.cleanup_ctx.append(scheduled_gc(lambda: hub.busy))
+    app.cleanup_ctx.append(scheduled_gc(busy=lambda: hub.busy, held=lambda: hub.waiting_total))
     freeze_startup_objects()
     serve(
         app,

@@ -275,6 +275,7 @@ class _PollFilter:
             if payload is EMPTY_PAYLOAD and conn.idle() and conn.route.take(conn, message):
                 self._parser.message_consumed()  # what aiohttp does for each request it takes
                 return [], upgraded, tail
+        self._conn.ordinary += len(messages)
         return messages, upgraded, tail
 
     def __getattr__(self, name: str) -> Any:
@@ -284,25 +285,26 @@ class _PollFilter:
 class PollConnection(RequestHandler):
     """aiohttp's protocol for one connection, with the fast path in front of its request queue."""
 
-    __slots__ = ("_poll", "_stash", "route")
+    __slots__ = ("_poll", "_stash", "ordinary", "route")
 
     def __init__(self, manager: web.Server, *, route: FastPoll, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.route = route
+        self.ordinary = 0  # requests handed to aiohttp whose answer is not written yet
         self._poll: ParkedPoll | None = None
         self._stash = b""  # bytes that arrived while a poll was parked (a pipelined request)
         self._parser = _PollFilter(self._parser, self)  # type: ignore[assignment]
 
     def idle(self) -> bool:
-        """No request in aiohttp's hands or parked: the next one may be answered here, in order."""
-        waiter = self._waiter
-        return (
-            self._poll is None
-            and waiter is not None
-            and not waiter.done()
-            and not self._messages
-            and not self._request_in_progress
-        )
+        """No request in aiohttp's hands or parked: the next one may be answered here, in order
+        (also the first request of a connection, which arrives before aiohttp's loop starts)."""
+        return self._poll is None and self.ordinary == 0
+
+    async def _handle_request(self, *args: Any, **kwargs: Any) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super()._handle_request(*args, **kwargs)
+        finally:
+            self.ordinary -= 1  # its answer is written (or never will be: the client left)
 
     def data_received(self, data: bytes) -> None:
         if self._poll is not None:

@@ -9,14 +9,16 @@ Both are measured in bench/ (``make bench``), not asserted in tests:
   collections of every live connection's objects included: a third of the CPU of a fan-out, and
   a write's answer queued behind it (bench/RESULTS.md: with it off, a write during a 10,000-poll
   fan-out was acknowledged in 55 ms instead of 1,088 ms). So in the server the collector does not
-  run on allocations; it runs on a clock instead: the young generations every 10 seconds,
-  everything every 5 minutes. Objects alive after startup are frozen out of its reach. Cycles
-  are still collected, just not in the middle of a burst.
+  run on allocations; it runs on a clock and on counts instead (``GcPolicy``), outside fan-outs.
 
-  A young collection costs what is alive among the objects made since the last one: with 10,000
-  polls held that is every re-poll's request (~44 objects each), ~260 ms on this machine whether
-  it runs every second or every 10 s, while the cyclic garbage it finds is ~300 objects a second
-  (measured with the fan-out bench). Hence 10 s: a tenth of the pauses, ~30 KB of garbage.
+  A collection stops the loop for as long as it takes, and it takes what it scans: ~20,000
+  objects a ~10 ms here. What survives a collection is frozen (``gc.freeze``), so the next young
+  one scans only what was made since: with the long polls' fast path a held poll adds one object,
+  and 10,000 connections held stay out of every young scan. A young collection runs every 10 s,
+  or as soon as 20,000 new objects are alive (connections opening in a burst: ~20 each). A full
+  collection, which must unfreeze and scan everything to find cycles among old objects (~100 ms
+  with 10,000 polls held), is due every 15 minutes and waits for a moment with fewer than 1,000
+  polls held, an hour at most.
 
   After each collection the C allocator gives its free pages back to the system (glibc's
   ``malloc_trim``): memory freed after a peak otherwise stays in the process for good. Measured:
@@ -34,6 +36,7 @@ import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +60,6 @@ def freeze_startup_objects() -> None:
     gc.freeze()  # what startup built lives as long as the process: never scan it again
 
 
-YOUNG_EVERY = 10.0  # seconds between collections of generations 0 and 1
-FULL_EVERY = 30  # young collections between full ones (5 minutes)
-
-
-QUIET_CHECK = 0.05  # seconds between looks for a quiet moment to collect in
-QUIET_WAIT_MAX = 5.0  # a collection waits at most this long for one
-
-
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
@@ -82,33 +77,97 @@ def release_free_memory() -> None:
         trim(0)
 
 
-def scheduled_gc(busy: Callable[[], bool]) -> Callable[[object], AsyncIterator[None]]:
-    """cleanup_ctx of the server process: the collector runs on a clock, not on allocations, and
-    at a moment ``busy()`` is false (no fan-out in progress) if one comes within a few seconds:
-    a collection stops the loop for as long as it takes (~260 ms with 10,000 polls held)."""
+@dataclass(frozen=True)
+class GcPolicy:
+    """When the collector runs (``scheduled_gc``); seconds, and counts of tracked objects."""
+
+    young_every: float = 10.0  # a young collection at least this often
+    # ...and sooner once this many objects were made since the last one (tracked by the
+    # collector, less those freed): a scan of ~20,000 young objects takes ~10 ms here, so a
+    # burst of new connections (each ~20 objects) is collected in slices, never at once.
+    young_limit: int = 20_000
+    full_every: float = 900.0  # a full collection due this long after the last one...
+    quiet_held: int = 1_000  # ...runs when fewer polls than this are held (and no fan-out)...
+    full_wait_max: float = 3_600.0  # ...or anyway once it has waited this long for that
+    quiet_check: float = 0.05  # seconds between looks at the clock and the counts
+    quiet_wait_max: float = 5.0  # a collection waits at most this long for no fan-out
+
+
+@dataclass
+class CollectionClock:
+    """Which collection is due (``due``); ``collected`` once it has run. Times: the loop's."""
+
+    policy: GcPolicy
+    last_young: float
+    last_full: float
+    _due_since: float | None = None  # when the collection now due became due
+
+    def due(self, now: float, young: int, held: int, busy: bool) -> int | None:
+        """The generation to collect now (0, or 2 for a full collection), or None."""
+        p = self.policy
+        full_due = now - self.last_full >= p.full_every
+        overdue = now - self.last_full >= p.full_every + p.full_wait_max
+        young_due = now - self.last_young >= p.young_every or young >= p.young_limit
+        if not (young_due or overdue):
+            self._due_since = None
+            return None
+        if self._due_since is None:
+            self._due_since = now
+        if busy and now - self._due_since < p.quiet_wait_max:
+            return None  # a fan-out is being written: wait for its end, a few seconds at most
+        if full_due and (held < p.quiet_held or overdue):
+            return 2
+        return 0 if young_due else None
+
+    def collected(self, generation: int, now: float) -> None:
+        self.last_young = now
+        if generation == 2:
+            self.last_full = now
+        self._due_since = None
+
+
+def collect(generation: int) -> None:
+    """A collection that leaves what survives it out of the next ones' scans.
+
+    Survivors are frozen (``gc.freeze``): a young collection then scans only the objects made
+    since the last one, whatever the number of connections held. A full collection unfreezes
+    everything first, to find cycles among old objects too: it scans every live object (~100 ms
+    with 10,000 polls held on this machine), hence ``GcPolicy``'s wait for a quiet moment."""
+    if generation == 2:
+        gc.unfreeze()
+    gc.collect(generation)
+    gc.freeze()
+    release_free_memory()
+
+
+def scheduled_gc(
+    busy: Callable[[], bool], held: Callable[[], int], policy: GcPolicy = GcPolicy()
+) -> Callable[[object], AsyncIterator[None]]:
+    """cleanup_ctx of the server process: the collector runs on ``policy``, not on allocations,
+    and outside a fan-out (``busy()``) when one ends within a few seconds."""
 
     async def ctx(app: object) -> AsyncIterator[None]:
         gc.disable()
+        loop = asyncio.get_running_loop()
 
-        async def collect() -> None:
-            rounds = 0
+        async def run() -> None:
+            clock = CollectionClock(policy, last_young=loop.time(), last_full=loop.time())
             while True:
-                await asyncio.sleep(YOUNG_EVERY)
-                waited = 0.0
-                while busy() and waited < QUIET_WAIT_MAX:
-                    await asyncio.sleep(QUIET_CHECK)
-                    waited += QUIET_CHECK
-                rounds += 1
-                gc.collect(2 if rounds % FULL_EVERY == 0 else 1)
-                release_free_memory()
+                await asyncio.sleep(policy.quiet_check)
+                now = loop.time()
+                generation = clock.due(now, gc.get_count()[0], held(), busy())
+                if generation is not None:
+                    collect(generation)
+                    clock.collected(generation, loop.time())
 
-        task = asyncio.create_task(collect(), name="scheduled-gc")
+        task = asyncio.create_task(run(), name="scheduled-gc")
         try:
             yield
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            gc.unfreeze()
             gc.enable()
 
     return ctx

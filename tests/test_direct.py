@@ -18,10 +18,23 @@ import pytest
 from service.api import NewerThan
 from service.app import release_waiters
 from service.direct import encode_poll_answer
+from service.fastpoll import ParkedPoll
 from service.hub import ANSWER_BATCH, WAKE_BATCH, Change, Hub
 from service.model import Cursor, TaskState
 
-from .conftest import Client, ClientFactory, change, hub_of, put, wait_for_waiters, wait_until
+from .conftest import (
+    SECRET,
+    Client,
+    ClientFactory,
+    bearer,
+    change,
+    hub_of,
+    metric,
+    put,
+    token,
+    wait_for_waiters,
+    wait_until,
+)
 
 ORIGIN = "https://board.example"
 
@@ -474,3 +487,159 @@ async def test_a_change_pending_above_the_version_the_poll_has_is_answered_the_o
         assert await waiter.wait(NewerThan(1), 5) is newer
         assert waiter.delivered is None
     assert hub.direct_answers == 0
+
+
+# --- the fast path (service/fastpoll.py): polls taken at the connection, held with no handler ---
+
+
+def parked_polls(client: Client, task: str) -> int:
+    """Polls of ``task`` held with no handler (the hub's own waiters of the fast path)."""
+    return sum(isinstance(w, ParkedPoll) for w in hub_of(client)._waiters.get(task, ()))
+
+
+@pytest.mark.parametrize("fast_poll", [True, False])
+async def test_the_first_poll_of_a_connection_is_held_without_a_handler_unless_turned_off(
+    make_client: ClientFactory, fast_poll: bool
+) -> None:
+    client = await make_client(fast_poll=fast_poll)
+    await put(client, "t", status="in_progress")
+    reader, _ = await raw_poll(client, "t", 1)
+    await wait_for_waiters(client, 1)
+    assert parked_polls(client, "t") == fast_poll
+    await put(client, "t", status="completed")
+    status, headers, _ = await read_answer(reader)
+    assert (status, dict(headers)["ETag"]) == ("HTTP/1.1 200 OK", '"2"')
+
+
+async def test_a_poll_pipelined_behind_an_ordinary_request_is_answered_after_it(
+    make_client: ClientFactory,
+) -> None:
+    """The list is answered by aiohttp's handler; the poll behind it, which the fast path could
+    answer at once (it is behind), must not overtake it."""
+    client = await make_client()
+    await put(client, "t", status="in_progress")
+    reader, writer = await open_raw(client)
+    writer.write(
+        b"GET /api/tasks HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /api/tasks/t/poll?since=0&timeout=20 HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    _, _, first = await read_answer(reader)
+    _, headers, second = await read_answer(reader)
+    assert "tasks" in json.loads(first)
+    assert dict(headers)["ETag"] == '"1"' and json.loads(second)["task"] == "t"
+
+
+def stashed(client: Client) -> bool:
+    """Whether a parked poll's connection holds bytes of a request behind it."""
+    return any(
+        isinstance(w, ParkedPoll) and w._conn._stash
+        for ws in hub_of(client)._waiters.values()
+        for w in ws
+    )
+
+
+async def test_a_request_pipelined_behind_a_parked_poll_is_answered_after_the_poll(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client()
+    await put(client, "t", status="in_progress")
+    reader, writer = await raw_poll(client, "t", 1)
+    await wait_for_waiters(client, 1)
+    assert parked_polls(client, "t") == 1
+    writer.write(b"GET /api/tasks HTTP/1.1\r\nHost: x\r\n\r\n")  # read, and kept
+    await writer.drain()
+    await wait_until(lambda: stashed(client), 5, "the request behind the poll to be read")
+    await put(client, "t", status="completed")
+    _, headers, first = await read_answer(reader)
+    _, _, second = await read_answer(reader)
+    assert dict(headers)["ETag"] == '"2"' and json.loads(first)["status"] == "completed"
+    assert [task["version"] for task in json.loads(second)["tasks"]] == [2]
+    # ...and the connection goes on serving polls on the fast path.
+    await raw_poll(client, "t", 2, reader_writer=(reader, writer))
+    await wait_for_waiters(client, 1)
+    assert parked_polls(client, "t") == 1
+
+
+async def test_a_parked_poll_counts_in_the_metrics_as_a_held_one_and_by_its_outcome(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client()
+    held = 'taskstatus_held_polls{transport="longpoll"}'
+
+    def answered(outcome: str) -> str:
+        return f'taskstatus_polls_answered_total{{outcome="{outcome}",transport="longpoll"}}'
+
+    await put(client, "t", status="in_progress")
+    changed = await raw_poll(client, "t", 1)
+    left = await raw_poll(client, "t", 1)
+    await wait_for_waiters(client, 2)
+    assert parked_polls(client, "t") == 2
+    assert await metric(client, held) == 2
+    left[1].close()
+    await wait_for_waiters(client, 1)
+    assert await metric(client, answered("disconnected")) == 1
+    await put(client, "t", status="completed")
+    await read_answer(changed[0])
+    assert await metric(client, answered("changed")) == 1
+    assert await metric(client, held) == 0
+    count = await metric(client, 'taskstatus_notify_delay_seconds_count{transport="longpoll"}')
+    assert count == 1
+
+
+async def test_a_parked_poll_outlives_the_keep_alive_timeout_and_ends_with_a_204(
+    make_client: ClientFactory,
+) -> None:
+    """aiohttp closes a connection idle for KEEPALIVE_TIMEOUT; a poll held longer on it is not
+    idle: it gets its 204 when its hold passes, byte for byte the ordinary path's."""
+    client = await make_client(keepalive_timeout=1.0)
+    hub = hub_of(client)
+    await put(client, "t", status="in_progress")
+    fast = await open_raw(client)
+    fast[1].write(b"GET /api/tasks/t/poll?since=1&timeout=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+    ordinary = await open_raw(client)
+    ordinary[1].write(
+        b"GET /api/tasks/t/poll?since=1&timeout=3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    await wait_for_waiters(client, 2)
+    assert parked_polls(client, "t") == 1
+    started = hub.loop().time()
+    status, headers, body = await read_answer(fast[0])
+    ordinary_status, ordinary_headers, ordinary_body = await read_answer(ordinary[0])
+    assert hub.loop().time() - started > 2  # (a hold of 3 s, less its jitter)
+    assert status == ordinary_status == "HTTP/1.1 204 No Content"
+    assert body == ordinary_body == b""
+    assert comparable(headers) == comparable(ordinary_headers)
+    # The connection is still open for the next poll.
+    await raw_poll(client, "t", 0, reader_writer=fast)
+    assert (await read_answer(fast[0]))[0] == "HTTP/1.1 200 OK"
+
+
+async def test_a_token_verified_once_grants_only_what_it_grants_on_the_fast_path(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(auth_secret=SECRET)
+    writer_token = bearer(token("tasks:read", "tasks:write"))
+    await client.put("/api/tasks/a", json={"status": "pending"}, headers=writer_token)
+    await client.put("/api/tasks/b", json={"status": "pending"}, headers=writer_token)
+    only_a = token("tasks:read", tasks=["a"])
+    connection = await open_raw(client)
+    for _ in range(2):  # verified by the middleware, then from the verified tokens
+        await raw_poll(
+            client, "a", 0, extra=f"Authorization: Bearer {only_a}\r\n", reader_writer=connection
+        )
+        assert (await read_answer(connection[0]))[0] == "HTTP/1.1 200 OK"
+    await raw_poll(
+        client, "b", 0, extra=f"Authorization: Bearer {only_a}\r\n", reader_writer=connection
+    )
+    status, _, body = await read_answer(connection[0])
+    assert status == "HTTP/1.1 403 Forbidden"
+    assert json.loads(body)["error"]["code"] == "task_not_allowed"
+    await raw_poll(
+        client, "a", 1, extra=f"Authorization: Bearer {only_a}\r\n", reader_writer=connection
+    )
+    await wait_for_waiters(client, 1)
+    assert parked_polls(client, "a") == 1
+    invalid = await raw_poll(client, "a", 1, extra="Authorization: Bearer x.y.z\r\n")
+    status, _, body = await read_answer(invalid[0])
+    assert status == "HTTP/1.1 401 Unauthorized"
+    assert json.loads(body)["error"]["code"] == "invalid_token"
