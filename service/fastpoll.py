@@ -58,6 +58,8 @@ STATUS_POLL = "/api/poll-status"
 # aiohttp's would.
 _PLAIN_QUERY = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.=&")
 TRANSPORT = "longpoll"
+TARGETS_KEPT = 4096  # request targets read (``FastPoll._read_target``), forgotten all at once
+_UNREAD: Any = object()
 
 
 class FastPoll:
@@ -70,7 +72,7 @@ class FastPoll:
         self.metrics: Metrics = app[METRICS]
         self.tokens: VerifiedTokens | None = app.get(TOKENS)
         self.cors = bool(self.config.cors_origins)
-        self.answer: AnswerEncoder = self.hub.answer_encoder()
+        self._targets: dict[str, tuple[str, int, int] | None] = {}
         self._second = -1  # the second of the Date in the 204's head
         self._head = ""
         self._nothing_new = b""
@@ -80,28 +82,13 @@ class FastPoll:
         would; False (and nothing done) for any other request."""
         if message.method != "GET" or message.version != HttpVersion11 or message.should_close:
             return False
-        path, _, query = message.path.partition("?")
-        if path == STATUS_POLL:
-            task, counter = DEFAULT_TASK, "last_version"
-        elif path.startswith(TASK_POLL_PREFIX) and path.endswith(TASK_POLL_SUFFIX):
-            task, counter = path[len(TASK_POLL_PREFIX) : -len(TASK_POLL_SUFFIX)], "since"
-        else:
+        target = self._targets.get(message.path, _UNREAD)
+        if target is _UNREAD:
+            target = self._read_target(message.path)
+        if target is None:
             return False
-        params = plain_query(query)
-        if params is None or counter not in params:
-            return False
+        task, since, asked = target
         config, hub = self.config, self.hub
-        try:
-            task = validate_task_id(task)  # (a task id needs no decoding: none has a %)
-            since = parse_counter(counter, params[counter])
-            raw_timeout = params.get("timeout")
-            asked = (
-                config.poll_timeout
-                if raw_timeout is None
-                else parse_counter("timeout", raw_timeout)
-            )
-        except ApiError:
-            return False
         headers = message.headers
         if self.cors and "Origin" in headers:
             return False  # its answer names the origin: the ordinary path adds CORS headers
@@ -127,6 +114,16 @@ class FastPoll:
         self.metrics.held[TRANSPORT] += 1
         conn.parked(poll, hold)
         return True
+
+    def _read_target(self, path_and_query: str) -> tuple[str, int, int] | None:
+        """(task, version the client has, seconds asked) of a poll's request target, or None
+        for a target this path leaves to the ordinary one; kept, since the re-polls of a
+        fan-out all send the same few targets."""
+        target = parse_poll_target(path_and_query, self.config.poll_timeout)
+        if len(self._targets) >= TARGETS_KEPT:
+            self._targets.clear()
+        self._targets[path_and_query] = target
+        return target
 
     def nothing_new(self, *, closing: bool) -> bytes:
         """The 204 of a hold that passed (``closing``: on shutdown, the connection closed after
@@ -155,6 +152,29 @@ class FastPoll:
         metrics.polls[TRANSPORT, outcome] += 1
         if change is not None:
             metrics.delivered(TRANSPORT, change)
+
+
+def parse_poll_target(path_and_query: str, default_timeout: int) -> tuple[str, int, int] | None:
+    """``_read_target``'s reading, with the ordinary path's rules: None for any target it would
+    read otherwise or refuse (it then answers the error)."""
+    path, _, query = path_and_query.partition("?")
+    if path == STATUS_POLL:
+        task, counter = DEFAULT_TASK, "last_version"
+    elif path.startswith(TASK_POLL_PREFIX) and path.endswith(TASK_POLL_SUFFIX):
+        task, counter = path[len(TASK_POLL_PREFIX) : -len(TASK_POLL_SUFFIX)], "since"
+    else:
+        return None
+    params = plain_query(query)
+    if params is None or counter not in params:
+        return None
+    try:
+        task = validate_task_id(task)  # (a task id needs no decoding: none has a %)
+        since = parse_counter(counter, params[counter])
+        raw_timeout = params.get("timeout")
+        asked = default_timeout if raw_timeout is None else parse_counter("timeout", raw_timeout)
+    except ApiError:
+        return None
+    return task, since, asked
 
 
 def plain_query(query: str) -> dict[str, str] | None:
@@ -326,7 +346,8 @@ class PollConnection(RequestHandler):
         if self._poll is not poll:
             return
         self._poll = None
-        self.answered()
+        # (no ``answered()``: the keep-alive time set when it was parked, past its whole hold,
+        # is already at least a keep-alive timeout after now)
         stash, self._stash = self._stash, b""
         if stash and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()

@@ -434,11 +434,6 @@ class Hub:
         """A fan-out is in progress: answers to write or waiters to release on later turns."""
         return self._draining
 
-    def answer_encoder(self) -> AnswerEncoder:
-        """The encoder of long polls' answers (``Hub(answer=...)``); a hub without one has none."""
-        assert self._answer is not None, "this hub answers no poll itself"
-        return self._answer
-
     @property
     def answers_directly(self) -> bool:
         return self._answer is not None
