@@ -12,11 +12,12 @@ Both are measured in bench/ (``make bench``), not asserted in tests:
   run on allocations; it runs on a clock and on counts instead (``GcPolicy``), outside fan-outs.
 
   A collection stops the loop for as long as it takes, and it takes what it scans: ~20,000
-  objects a ~10 ms here. What survives a collection is frozen (``gc.freeze``), so the next young
-  one scans only what was made since: with the long polls' fast path a held poll adds one object,
-  and 10,000 connections held stay out of every young scan. A young collection runs every 10 s,
-  or as soon as 20,000 new objects are alive (connections opening in a burst: ~20 each). A full
-  collection, which must unfreeze and scan everything to find cycles among old objects (~100 ms
+  objects ~6 ms here (``python -m bench.gc_pause``). What survives a collection is frozen
+  (``gc.freeze``), so the next young one scans only what was made since: with the long polls'
+  fast path a held poll adds one object, and 10,000 connections held stay out of every young
+  scan. A young collection runs every 10 s, or as soon as 20,000 new objects are alive
+  (connections opening in a burst: ~27 each). A full
+  collection, which must unfreeze and scan everything to find cycles among old objects (~160 ms
   with 10,000 polls held), is due every 15 minutes and waits for a moment with fewer than 1,000
   polls held, an hour at most.
 
@@ -83,8 +84,8 @@ class GcPolicy:
 
     young_every: float = 10.0  # a young collection at least this often
     # ...and sooner once this many objects were made since the last one (tracked by the
-    # collector, less those freed): a scan of ~20,000 young objects takes ~10 ms here, so a
-    # burst of new connections (each ~20 objects) is collected in slices, never at once.
+    # collector, less those freed): a scan of ~20,000 young objects takes ~6 ms here, so a
+    # burst of new connections (each ~27 objects) is collected in slices, never at once.
     young_limit: int = 20_000
     full_every: float = 900.0  # a full collection due this long after the last one...
     quiet_held: int = 1_000  # ...runs when fewer polls than this are held (and no fan-out)...
@@ -131,7 +132,7 @@ def collect(generation: int) -> None:
 
     Survivors are frozen (``gc.freeze``): a young collection then scans only the objects made
     since the last one, whatever the number of connections held. A full collection unfreezes
-    everything first, to find cycles among old objects too: it scans every live object (~100 ms
+    everything first, to find cycles among old objects too: it scans every live object (~160 ms
     with 10,000 polls held on this machine), hence ``GcPolicy``'s wait for a quiet moment."""
     if generation == 2:
         gc.unfreeze()
