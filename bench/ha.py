@@ -22,7 +22,13 @@ from pathlib import Path
 
 import aiohttp
 
-from deploy.cluster import Instance, http_status, running_ha_cluster, sentinel_args
+from deploy.cluster import (
+    SENTINEL_DOWN_AFTER_MS,
+    Instance,
+    http_status,
+    running_ha_cluster,
+    sentinel_args,
+)
 
 WRITE_DEADLINE = 60.0  # seconds any latency run may take
 FAILOVER_DEADLINE = 30.0  # seconds a round waits for the first write after the kill
@@ -125,7 +131,8 @@ def failovers(workdir: Path, rounds: int) -> None:
             to_ready.append(time.monotonic() - killed)
         print(f"  round {n + 1}: first write acknowledged {took:.2f} s, ready {to_ready[-1]:.2f} s")
     print(
-        f"failover ({rounds} rounds, Sentinel down-after-milliseconds 1000), primary SIGKILLed ->"
+        f"failover ({rounds} rounds, Sentinel down-after-milliseconds {SENTINEL_DOWN_AFTER_MS}),"
+        " primary SIGKILLed ->"
         f"\n  first acknowledged write through nginx: median {statistics.median(to_write):.2f} s,"
         f" max {max(to_write):.2f} s"
         f"\n  every instance ready: median {statistics.median(to_ready):.2f} s,"

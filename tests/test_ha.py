@@ -33,7 +33,7 @@ from .load import (
     until_ready,
 )
 
-# A failover takes Sentinel about 2 s here (down-after 1 s, then the vote); the instances follow
+# A failover takes Sentinel about 3 s here (down-after 2 s, then the vote); the instances follow
 # it within a moment. The figure is 5 s; this bound leaves room for two busy cores.
 FAILOVER_BOUND = 10.0
 
