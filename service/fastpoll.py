@@ -228,16 +228,14 @@ class ParkedPoll(Waiter):
         if transport is None or transport.is_closing():
             return  # the client left: connection_lost ends it
         transport.write(change.answer(encode))
-        transport.pause_reading()  # until ``_release``: see ``Waiter._write_answer``
+        # Its connection is still read: a re-poll waits for ``_release`` (stashed, as
+        # ``Waiter._write_answer`` leaves it in the socket), anything else ends it at once.
         self.delivered = change
 
     def _release(self) -> None:
         route, change = self._route, self.delivered
         if route is None or change is None:
             return  # ended already, or its client left before the answer was written
-        transport = self._conn.transport
-        if transport is not None and not transport.is_closing():
-            transport.resume_reading()
         self._end(route, "changed", change)
 
     def _time_up(self) -> None:
@@ -327,9 +325,17 @@ class PollConnection(RequestHandler):
             self.ordinary -= 1  # its answer is written (or never will be: the client left)
 
     def data_received(self, data: bytes) -> None:
-        if self._poll is not None:
+        poll = self._poll
+        if poll is not None:
             if not data:
                 return  # (aiohttp's nudge to parse what it holds: nothing, while parked)
+            if poll.delivered is not None and not self._stash and not data.startswith(b"GET "):
+                # Answered, and only waiting for the hub's turn to end it: a request that is not
+                # the re-poll (a write, through a proxy that reuses this connection) is not kept
+                # waiting behind the fan-out's other answers.
+                poll._release()
+                self.data_received(data)
+                return
             # A request behind a parked poll is answered after it, as HTTP requires: keep its
             # bytes, and read no more until then.
             self._stash += data

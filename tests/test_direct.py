@@ -560,6 +560,52 @@ async def test_a_request_pipelined_behind_a_parked_poll_is_answered_after_the_po
     assert parked_polls(client, "t") == 1
 
 
+def connection_of(
+    poll: ParkedPoll, connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The raw connection (client side) a parked poll came on."""
+    assert poll._conn.transport is not None
+    peer = poll._conn.transport.get_extra_info("peername")
+    return next(c for c in connections if c[1].get_extra_info("sockname") == peer)
+
+
+async def test_a_write_on_a_connection_answered_in_a_fan_out_is_served_before_the_fan_out_ends(
+    make_client: ClientFactory,
+) -> None:
+    """nginx hands a write to the upstream connection freed last: often one whose poll was just
+    answered while the fan-out goes on. The write must not wait for the poll's release (the
+    fan-out's end); a re-poll on such a connection still waits for it, as in every batch."""
+    client, connections = await more_than_a_batch_held(make_client)
+    hub = hub_of(client)
+    hub.publish(Change(TaskState(task="t", status="completed", version=2), Cursor("e", 2)))
+    answered = [
+        w for w in hub._waiters["t"] if isinstance(w, ParkedPoll) and w.delivered is not None
+    ]
+    assert len(answered) == ANSWER_BATCH  # written in this turn, released once all are written
+    writes, repolls = answered[0], answered[1]
+    body = b'{"status": "in_progress"}'
+    # (the bytes handed to the connection as its socket would, within this turn of the loop)
+    writes._conn.data_received(
+        b"PUT /api/tasks/other HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    repolls._conn.data_received(b"GET /api/tasks/t/poll?since=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert writes._conn._poll is None and writes._conn.ordinary == 1  # ended; the PUT is handled
+    assert repolls._conn._poll is repolls and repolls._conn._stash  # kept for its turn
+    assert sum(w.delivered is not None for w in hub._waiters["t"]) == ANSWER_BATCH - 1
+    reader, _ = connection_of(writes, connections)
+    _, headers, _ = await read_answer(reader)
+    status, _, written = await read_answer(reader)
+    assert dict(headers)["ETag"] == '"2"'
+    assert (status, json.loads(written)["version"]) == ("HTTP/1.1 200 OK", 1)
+    reader, _ = connection_of(repolls, connections)
+    _, headers, _ = await read_answer(reader)
+    assert dict(headers)["ETag"] == '"2"'
+    # (the store is still at version 1: the re-poll, served once released, is ahead of it)
+    status, headers, _ = await read_answer(reader)
+    assert (status, dict(headers)["ETag"]) == ("HTTP/1.1 200 OK", '"1"')
+
+
 async def test_a_parked_poll_counts_in_the_metrics_as_a_held_one_and_by_its_outcome(
     make_client: ClientFactory,
 ) -> None:
