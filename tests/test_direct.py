@@ -92,6 +92,17 @@ async def held_polls(
     return connections
 
 
+async def one_held_poll(
+    make_client: ClientFactory, **overrides: Any
+) -> tuple[Client, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client, and one raw poll of task "t" (at version 1), held."""
+    client = await make_client(**overrides)
+    await put(client, "t", status="in_progress")
+    reader, writer = await raw_poll(client, "t", 1)
+    await wait_for_waiters(client, 1)
+    return client, reader, writer
+
+
 async def read_answer(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]], bytes]:
     """Status line, headers in order, body."""
     head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
@@ -159,10 +170,7 @@ async def test_a_tombstone_is_answered_directly_byte_for_byte_as_the_ordinary_pa
 async def test_a_burst_of_writes_answers_a_poll_once_with_the_first_change_above_it(
     make_client: ClientFactory,
 ) -> None:
-    client = await make_client()
-    await put(client, "t", status="in_progress")
-    reader, writer = await raw_poll(client, "t", 1)
-    await wait_for_waiters(client, 1)
+    client, reader, writer = await one_held_poll(make_client)
     await put(client, "t", progress=10)
     await put(client, "t", progress=20)
     _, headers, _ = await read_answer(reader)
@@ -501,10 +509,7 @@ def parked_polls(client: Client, task: str) -> int:
 async def test_the_first_poll_of_a_connection_is_held_without_a_handler_unless_turned_off(
     make_client: ClientFactory, fast_poll: bool
 ) -> None:
-    client = await make_client(fast_poll=fast_poll)
-    await put(client, "t", status="in_progress")
-    reader, _ = await raw_poll(client, "t", 1)
-    await wait_for_waiters(client, 1)
+    client, reader, _ = await one_held_poll(make_client, fast_poll=fast_poll)
     assert parked_polls(client, "t") == fast_poll
     await put(client, "t", status="completed")
     status, headers, _ = await read_answer(reader)
@@ -541,10 +546,7 @@ def stashed(client: Client) -> bool:
 async def test_a_request_pipelined_behind_a_parked_poll_is_answered_after_the_poll(
     make_client: ClientFactory,
 ) -> None:
-    client = await make_client()
-    await put(client, "t", status="in_progress")
-    reader, writer = await raw_poll(client, "t", 1)
-    await wait_for_waiters(client, 1)
+    client, reader, writer = await one_held_poll(make_client)
     assert parked_polls(client, "t") == 1
     writer.write(b"GET /api/tasks HTTP/1.1\r\nHost: x\r\n\r\n")  # read, and kept
     await writer.drain()
