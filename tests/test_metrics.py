@@ -8,6 +8,7 @@ once under its outcome; each write under its result; each delivery in the notify
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -260,6 +261,13 @@ async def test_process_memory_and_open_files_are_exported(client: Client) -> Non
     assert value(samples, "process_resident_memory_bytes") > 10 * 2**20
     assert value(samples, "process_open_fds") >= 3
     assert any(name == "python_info" for name, _ in samples)
+
+
+async def test_the_collectors_runs_are_counted_by_generation(client: Client) -> None:
+    """The scheduled collections show (``runtime.scheduled_gc`` runs them on its clock)."""
+    before = value(await scrape(client), "python_gc_collections_total", generation="0")
+    gc.collect(0)
+    assert value(await scrape(client), "python_gc_collections_total", generation="0") > before
 
 
 async def test_two_apps_in_one_process_count_apart(make_client: ClientFactory) -> None:
