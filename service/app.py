@@ -149,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("event loop: %s", install_event_loop(config.event_loop))
     app = create_app(config)
     hub = app[HUB]
-    app.cleanup_ctx.append(scheduled_gc(busy=lambda: hub.busy, held=lambda: hub.waiting_total))
+    app.cleanup_ctx.append(
+        scheduled_gc(busy=lambda: hub.busy, held=lambda: hub.waiting_total, activity=hub.activity)
+    )
     freeze_startup_objects()
     serve(
         app,

@@ -325,6 +325,7 @@ class PollConnection(RequestHandler):
             self.ordinary -= 1  # its answer is written (or never will be: the client left)
 
     def data_received(self, data: bytes) -> None:
+        self.route.hub.activity.nudge()  # work arrived: wake the idle watchers (``activity``)
         poll = self._poll
         if poll is not None:
             if not data:

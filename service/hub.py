@@ -29,6 +29,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from types import TracebackType
 
+from .activity import Activity
 from .model import Cursor, TaskState, WatchBatch
 
 WATCH_KEY = "*"  # not a valid task id, so it never collides with one
@@ -274,10 +275,12 @@ class Hub:
         self._disconnected = 0  # waiters whose client went away, since the last report
         self.serializations = 0  # response bodies built by publish, for all waiters together
         self.direct_answers = 0  # long polls the hub answered itself
+        self.activity = Activity()  # nudged where work enters, for the idle watchers
 
     # --- the backend side ---------------------------------------------------------------------
 
     def publish(self, change: Change) -> None:
+        self.activity.nudge()
         task = change.state.task
         self._remember(task, change)
         task_waiters = self._waiters.get(task)
@@ -375,6 +378,7 @@ class Hub:
         waiters.append(waiter)
 
     def _expire(self, tick: int) -> None:
+        self.activity.nudge()
         for waiter in self._expiring.pop(tick, ()):
             if waiter._expiry == tick:
                 waiter._time_up()
@@ -401,6 +405,7 @@ class Hub:
         self._unregister(waiter, disconnected=disconnected)
 
     def _register(self, waiter: Waiter) -> None:
+        self.activity.nudge()
         key = waiter._key
         waiters = self._waiters.get(key)
         if waiters is None:

@@ -12,14 +12,13 @@ began had some of its interval left); under 1 ms it is noise (uvloop's timers co
 Time the process waited for a CPU counts too: on shared cores, other processes' work shows as lag,
 as it does in every answer's latency.
 
-What it costs, measured on this 2-core VM: ~1.2 % of one core while the instance is idle
-(uvloop; 1.4 % on asyncio's own loop), ~120 µs a wake-up (``time.process_time()`` of a process
-running nothing but the loop, 60 s, three runs; a whole idle instance: 0.90 s of CPU in 60 s
-against 0.04 s without it). Nearly all of that is the process waking from idle: a bare
-``time.sleep(0.01)`` loop costs 53 µs a wake-up here. The monitor's own Python is ~7 µs a
-wake-up (10 and 50 monitors in one loop, whose wake-ups share its turns), 0.07 % of a core: what
-it adds to a loop that is busy anyway. It allocates a future and a timer handle per look, freed
-at once (no cycles for the collector), and never touches the request path.
+What it costs, measured on this 2-core VM: ~120 µs a wake-up, nearly all of it the process waking
+from idle (a bare ``time.sleep(0.01)`` loop costs 53 µs a wake-up here); the monitor's own
+Python is ~7 µs a wake-up, 0.07 % of a core: what it adds to a loop that is busy anyway. Woken
+100 times a second, an idle instance paid ~1.2 % of a core for it, so once the process has been
+idle for ``IDLE_AFTER`` the monitor sleeps until work arrives (``activity.py``) and counts the
+lateness from that moment on. It allocates a future and a timer handle per look, freed at once
+(no cycles for the collector), and never touches the request path.
 """
 
 from __future__ import annotations
@@ -32,25 +31,48 @@ from typing import Final
 
 from aiohttp import web
 
+from .activity import IDLE_SHARE, Activity, CpuShare
+from .keys import HUB
 from .metrics import METRICS, Metrics
 
 INTERVAL: Final = 0.01  # seconds between looks; the resolution of the lag
+# Once the process has been idle this long (``activity.IDLE_SHARE``), the monitor sleeps until
+# work arrives (``Activity.nudge``), looking anyway every ``IDLE_LOOK`` seconds.
+IDLE_AFTER: Final = 0.05
+IDLE_LOOK: Final = 1.0
 
 
-async def watch(metrics: Metrics, interval: float = INTERVAL) -> None:
-    """Sleep ``interval`` over and over; count each wake-up's lateness in ``metrics``."""
+async def watch(metrics: Metrics, activity: Activity, interval: float = INTERVAL) -> None:
+    """Sleep ``interval`` over and over; count each wake-up's lateness in ``metrics``. While
+    the process is idle, sleep until ``activity`` is nudged instead (``activity.py``)."""
     clock = time.perf_counter  # finer than the loop's clock (uvloop's counts milliseconds)
+    cpu = CpuShare()
+    window, nudges = clock(), activity.nudges
     while True:
         asked = clock()
         await asyncio.sleep(interval)
+        now = clock()
         # A timer is due by the loop's clock as of the start of its turn (libuv's): by ours it
         # can fire a little early. Early is no lag.
-        metrics.loop_lagged(max(0.0, clock() - asked - interval))
+        metrics.loop_lagged(max(0.0, now - asked - interval))
+        if now - window < IDLE_AFTER:
+            continue
+        # Idle: no work arrived and almost no CPU used since the window began.
+        idle = activity.nudges == nudges
+        while cpu.take() < IDLE_SHARE and idle:
+            asked = clock()
+            if await activity.sleep(IDLE_LOOK):
+                # As late as a timer due at the nudge would have been.
+                metrics.loop_lagged(max(0.0, clock() - activity.nudged_at))
+                cpu.take()  # a new window from here
+                break
+            metrics.loop_lagged(max(0.0, clock() - asked - IDLE_LOOK))
+        window, nudges = clock(), activity.nudges
 
 
 async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: measure the loop's lag for as long as the app runs."""
-    task = asyncio.create_task(watch(app[METRICS]), name="loop-lag")
+    task = asyncio.create_task(watch(app[METRICS], app[HUB].activity), name="loop-lag")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -39,6 +39,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from .activity import IDLE_SHARE, Activity, CpuShare
+
 log = logging.getLogger(__name__)
 
 
@@ -120,6 +122,11 @@ class CollectionClock:
             return 2
         return 0 if young_due else None
 
+    def next_due(self, now: float) -> float:
+        """Seconds until a collection falls due by the clock alone (none made objects since)."""
+        p = self.policy
+        return max(0.0, min(self.last_young + p.young_every, self.last_full + p.full_every) - now)
+
     def collected(self, generation: int, now: float) -> None:
         self.last_young = now
         if generation == 2:
@@ -142,10 +149,14 @@ def collect(generation: int) -> None:
 
 
 def scheduled_gc(
-    busy: Callable[[], bool], held: Callable[[], int], policy: GcPolicy = GcPolicy()
+    busy: Callable[[], bool],
+    held: Callable[[], int],
+    activity: Activity,
+    policy: GcPolicy = GcPolicy(),
 ) -> Callable[[object], AsyncIterator[None]]:
     """cleanup_ctx of the server process: the collector runs on ``policy``, not on allocations,
-    and outside a fan-out (``busy()``) when one ends within a few seconds."""
+    and outside a fan-out (``busy()``) when one ends within a few seconds. While the process is
+    idle its clock sleeps until work arrives (``activity``) or a collection falls due."""
 
     async def ctx(app: object) -> AsyncIterator[None]:
         gc.disable()
@@ -153,6 +164,7 @@ def scheduled_gc(
 
         async def run() -> None:
             clock = CollectionClock(policy, last_young=loop.time(), last_full=loop.time())
+            cpu = CpuShare()
             while True:
                 await asyncio.sleep(policy.quiet_check)
                 now = loop.time()
@@ -160,6 +172,10 @@ def scheduled_gc(
                 if generation is not None:
                     collect(generation)
                     clock.collected(generation, loop.time())
+                elif cpu.take() < IDLE_SHARE and not busy():
+                    # Idle: no objects are being made, only the clock can make a collection due.
+                    await activity.sleep(clock.next_due(loop.time()))
+                    cpu.take()
 
         task = asyncio.create_task(run(), name="scheduled-gc")
         try:
