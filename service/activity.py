@@ -9,8 +9,9 @@ paid for months by every idle instance, and counted in each notification of a qu
 So each watcher, once the process has used almost no CPU for a while (``IDLE_SHARE``), sleeps
 until ``nudge``-d or until its own deadline. The places where work enters the instance nudge:
 bytes arriving on a connection (``fastpoll.PollConnection``), a change to fan out
-(``Hub.publish``), a hold ending (``Hub._expire``) and a waiter registering (every poll, stream
-and socket that waits). A nudge costs one attribute test when nobody sleeps.
+(``Hub.publish``), a hold ending (``Hub._expire``) and a handler starting to wait (a poll, stream
+or socket on aiohttp's ordinary path). A nudge costs a counter's increment and one attribute
+test when nobody sleeps, once per request on the long polls' fast path.
 
 The lag monitor keeps its meaning: woken by a nudge, it counts as lag how late the loop came
 to it after the nudge (the rest of the turn that nudged, and any turn after it), exactly as if a

@@ -127,6 +127,9 @@ class Waiter:
         self.delivered: Change | None = None  # the change whose answer the hub wrote itself
 
     def __enter__(self) -> Waiter:
+        # A handler starts to wait: work for the idle watchers (a parked poll's bytes nudged
+        # already, in ``PollConnection.data_received``; with FAST_POLL=0 this is the one).
+        self._hub.activity.nudge()
         self._hub._register(self)
         return self
 
@@ -405,7 +408,6 @@ class Hub:
         self._unregister(waiter, disconnected=disconnected)
 
     def _register(self, waiter: Waiter) -> None:
-        self.activity.nudge()
         key = waiter._key
         waiters = self._waiters.get(key)
         if waiters is None:

@@ -59,7 +59,7 @@ async def watch(metrics: Metrics, activity: Activity, interval: float = INTERVAL
             continue
         # Idle: no work arrived and almost no CPU used since the window began.
         idle = activity.nudges == nudges
-        while cpu.take() < IDLE_SHARE and idle:
+        while cpu.take() < IDLE_SHARE and idle:  # (take first: it starts the next window)
             asked = clock()
             if await activity.sleep(IDLE_LOOK):
                 # As late as a timer due at the nudge would have been.

@@ -13,6 +13,7 @@ import pytest
 from service.activity import Activity
 from service.backend import create_backend
 from service.config import load_config
+from service.hub import Hub, Waiter
 from service.looplag import IDLE_LOOK, watch
 from service.metrics import Metrics
 from service.runtime import CollectionClock, GcPolicy, scheduled_gc
@@ -106,6 +107,17 @@ async def test_a_request_to_an_idle_instance_wakes_its_watchers(client: Client) 
     activity = hub_of(client).activity
     await wait_until(lambda: activity.asleep, 5, "the watchers asleep in an idle instance")
     nudges = activity.nudges
-    assert (await client.get("/api/tasks/idle/poll?since=0&timeout=0")).status in (200, 204)
+    assert (await client.get("/api/tasks")).status == 200  # a request that waits for nothing
     assert activity.nudges > nudges
     assert not activity.asleep
+
+
+async def test_a_handler_starting_to_wait_nudges_and_a_parked_poll_nudges_once() -> None:
+    """The ordinary path's waits nudge (with FAST_POLL=0 they are the requests' only nudge); a
+    parked poll does not nudge again at registering: its bytes did, at the connection."""
+    hub = Hub()
+    with hub.waiting("t"):
+        assert hub.activity.nudges == 1
+    hub.park(Waiter(hub, "t"), hold=1.0)
+    assert hub.activity.nudges == 1
+    hub.close()
