@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
+from bench.scenarios import cpu_seconds
 from bench.targets import NchanOne, ServiceOne, Target
 from service.connections import raise_open_file_limit
 
@@ -30,13 +29,7 @@ TASK = "wakeups"
 
 def server_cpu(target: Target) -> float:
     """CPU seconds used so far by the target's server processes (Redis left out)."""
-    total = 0.0
-    for role, pids in target.pids().items():
-        if role != "redis":
-            for pid in pids:
-                times = psutil.Process(pid).cpu_times()
-                total += times.user + times.system
-    return total
+    return sum(seconds for role, seconds in cpu_seconds(target.pids()).items() if role != "redis")
 
 
 def poll_request(target: Target) -> bytes:
@@ -57,8 +50,10 @@ def cpu_per_poll(target: Target, request: bytes, count: int, gap: float) -> floa
     sockets = [socket.create_connection(("127.0.0.1", target.port)) for _ in range(count)]
     try:
         deadline = time.monotonic() + 30
-        while target.waiting() != 0 and time.monotonic() < deadline:
-            time.sleep(0.05)  # (the connections are accepted: nothing held yet)
+        while target.waiting() != 0:  # the last call's polls, whose clients left, let go
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{target.key}: {target.waiting()} polls still held")
+            time.sleep(0.05)
         time.sleep(0.5)  # the accepts' own work done: count only the polls
         before = server_cpu(target)
         for sock in sockets:
@@ -66,8 +61,9 @@ def cpu_per_poll(target: Target, request: bytes, count: int, gap: float) -> floa
             until = time.perf_counter() + gap
             while time.perf_counter() < until:
                 pass  # (a busy wait: sleeping for 200 µs is not that precise)
+        deadline = time.monotonic() + 30
         while target.waiting() < count:
-            if time.monotonic() > deadline + 30:
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"{target.key}: {target.waiting()} of {count} polls held")
             time.sleep(0.02)
         return (server_cpu(target) - before) * 1e6 / count
