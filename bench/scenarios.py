@@ -76,17 +76,25 @@ def summary_ms(values: Sequence[float]) -> dict[str, float]:
 
 
 def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for role, group in pids.items():
-        total = 0.0
-        for pid in group:
-            try:
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        out[role] = total
-    return out
+    """CPU seconds used so far by each role's processes (all their threads)."""
+    return {role: sum(process_cpu(pid) for pid in group) for role, group in pids.items()}
+
+
+def process_cpu(pid: int) -> float:
+    """The scheduler's own count of a process's CPU time, to the nanosecond (its CPU-time clock,
+    ``clock_getcpuclockid``). /proc's user and system times count 10 ms ticks, too coarse for a
+    round that costs a process 20 ms; 0.0 for a process that has ended."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | _CPUCLOCK_SCHED)
+    except OSError:  # gone (or not Linux: psutil's ticks then)
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            return 0.0
+        return float(t.user + t.system)
+
+
+_CPUCLOCK_SCHED = 2  # Linux's clock id of a process's CPU time: (~pid << 3) | CPUCLOCK_SCHED
 
 
 def memory(pids: dict[str, list[int]]) -> dict[str, dict[str, int]]:
@@ -223,6 +231,30 @@ def busy_seconds() -> float:
 
 
 # --- helpers over the load client -------------------------------------------------------------
+
+
+# A round's CPU is counted until the target is done with it: until, after the re-polls are held
+# again (client side), the target's processes together use under QUIET_SHARE of a core for
+# QUIET_WINDOW. (A server may still be taking re-polls the client has sent: this service alone
+# took ~0.15 s of CPU after that moment, as much again as before it.)
+QUIET_WINDOW = 0.05
+QUIET_SHARE = 0.05
+
+
+def wait_quiet(
+    pids: dict[str, list[int]], timeout: float
+) -> tuple[dict[str, float], float]:
+    """The target's CPU (``cpu_seconds``) and the time at the start of the first quiet window
+    (``QUIET_SHARE``), or at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    cpu, at = cpu_seconds(pids), time.monotonic()
+    while at < deadline:
+        time.sleep(QUIET_WINDOW)
+        later, now = cpu_seconds(pids), time.monotonic()
+        if sum(diff(later, cpu).values()) < QUIET_SHARE * (now - at):
+            break
+        cpu, at = later, now
+    return cpu, at
 
 
 def wait_held(
@@ -430,10 +462,10 @@ def fanout_round(
     # the cost of a notification includes the re-poll it causes: count CPU until all are held again
     rehold, _, _ = wait_held(client, target, expected, settings.rehold_timeout)
     t_reheld = time.monotonic()
-    cpu1, ccpu1, all1 = cpu_seconds(pids), client.status()["cpu"], busy_seconds()
+    cpu_reheld, ccpu1, all1 = cpu_seconds(pids), client.status()["cpu"], busy_seconds()
     probes: list[tuple[float, float]] = []
     probe_failed = 0
-    if probe:
+    if probe:  # (stopped before the wait for quiet, which its writes would never let come)
         result = client.write_result(probe_run, probe_spec, stop=True)
         log = result["log"]
         writer.probe_version = max(result["versions"])
@@ -441,6 +473,7 @@ def fanout_round(
             (s, a - s) for s, a, v in zip(log.sent, log.acked, log.version, strict=True) if v >= 0
         ]
         probe_failed = result["sent"] - len(probes)
+    cpu1, t_quiet = wait_quiet(pids, settings.rehold_timeout)
     tasks, versions, times = client.collect()
     latencies = [
         t - t0
@@ -465,8 +498,11 @@ def fanout_round(
         "client_cpu": sum(ccpu1) - sum(ccpu0),
         "client_busy_max": max(busy),
         # busy CPU of the machine outside the target and the load processes (other people's work)
-        "other_cpu": (all1 - all0) - sum(diff(cpu1, cpu0).values()) - (sum(ccpu1) - sum(ccpu0)),
-        "seconds": t_reheld - t0,
+        "other_cpu": (all1 - all0)
+        - sum(diff(cpu_reheld, cpu0).values())
+        - (sum(ccpu1) - sum(ccpu0)),
+        "quiet_ms": (t_quiet - t0) * 1e3,  # the end of server_cpu's window
+        "seconds": t_reheld - t0,  # (other_cpu's and client_cpu's)
         # writes sent while the fan-out was delivered, and while the re-polls came back
         "probe_latencies": [lat for sent, lat in probes if t0 <= sent <= t0 + ttl],
         "probe_latencies_until_reheld": [lat for sent, lat in probes if t0 <= sent <= t_reheld],
