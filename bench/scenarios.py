@@ -241,9 +241,7 @@ QUIET_WINDOW = 0.05
 QUIET_SHARE = 0.05
 
 
-def wait_quiet(
-    pids: dict[str, list[int]], timeout: float
-) -> tuple[dict[str, float], float]:
+def wait_quiet(pids: dict[str, list[int]], timeout: float) -> tuple[dict[str, float], float]:
     """The target's CPU (``cpu_seconds``) and the time at the start of the first quiet window
     (``QUIET_SHARE``), or at ``timeout``."""
     deadline = time.monotonic() + timeout
