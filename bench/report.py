@@ -136,7 +136,7 @@ def fanout_section(fan: Table, settings: dict[str, Any]) -> list[str]:
         " writes*: p99 of writes to another task offered every"
         f" {settings['probe_interval'] * 1e3:.0f} ms while the fan-out is delivered. *Server CPU*:"
         " all processes of the target (instances, nginx, Nchan, Redis, the seed) per 1,000"
-        " notifications, the re-polls they cause included."
+        " notifications, the re-polls they cause included (until the target is quiet again)."
         " *Client busy*: CPU of the busiest load process / time-to-last. *Loop lag max*: the"
         " largest event-loop lag of the target's instances over the rounds (`<=`: an upper bound,"
         " the histogram's bucket), then the largest since they started (opening the polls"
