@@ -338,10 +338,12 @@ class PollConnection(RequestHandler):
                 self.data_received(data)
                 return
             # A request behind a parked poll is answered after it, as HTTP requires: keep its
-            # bytes, and read no more until then.
-            self._stash += data
-            if self.transport is not None:
+            # bytes until then. The first read is kept as it comes (the re-poll of a fan-out,
+            # whose answer is out: stopping and restarting the socket's reads for it would cost
+            # two epoll system calls per poll); a second one stops the reading.
+            if self._stash and self.transport is not None:
                 self.transport.pause_reading()
+            self._stash += data
             return
         super().data_received(data)
 
@@ -356,8 +358,10 @@ class PollConnection(RequestHandler):
         # (no ``answered()``: the keep-alive time set when it was parked, past its whole hold,
         # is already at least a keep-alive timeout after now)
         stash, self._stash = self._stash, b""
-        if stash and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        transport = self.transport
+        if stash and transport is not None and not transport.is_closing():
+            if not transport.is_reading():
+                transport.resume_reading()
             self.data_received(stash)
 
     def answered(self) -> None:

@@ -572,6 +572,35 @@ async def test_a_request_pipelined_behind_a_parked_poll_is_answered_after_the_po
     assert parked_polls(client, "t") == 1
 
 
+async def test_more_bytes_behind_a_parked_poll_stop_its_connection_being_read_until_it_ends(
+    make_client: ClientFactory,
+) -> None:
+    """The first read behind a parked poll is kept as it comes (a fan-out's re-poll); a client
+    that goes on sending is not read any further, and so not kept without bound, until the
+    poll has its answer; then every request is answered, in order, and reading goes on."""
+    client, reader, writer = await one_held_poll(make_client)
+    (poll,) = hub_of(client)._waiters["t"]
+    assert isinstance(poll, ParkedPoll)
+    transport = poll._conn.transport
+    assert transport is not None
+    request = b"GET /api/tasks HTTP/1.1\r\nHost: x\r\n\r\n"
+    writer.write(request)
+    await writer.drain()
+    await wait_until(lambda: stashed(client), 5, "the first request behind the poll to be read")
+    assert transport.is_reading()
+    writer.write(request)
+    await writer.drain()
+    await wait_until(lambda: not transport.is_reading(), 5, "the connection to stop being read")
+    assert poll._conn._stash == request * 2
+    await put(client, "t", status="completed")
+    _, headers, _ = await read_answer(reader)
+    assert dict(headers)["ETag"] == '"2"'
+    for _ in range(2):
+        status, _, body = await read_answer(reader)
+        assert status == "HTTP/1.1 200 OK" and json.loads(body)["tasks"][0]["version"] == 2
+    assert transport.is_reading()
+
+
 def connection_of(
     poll: ParkedPoll, connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
