@@ -2,12 +2,12 @@
 
 ``python -m bench.wakeups [N]`` (default 5,000): for one instance of this service and one Nchan
 node, each on Redis as in the fan-out: N keep-alive connections are opened, then a poll is sent
-on each, either one every 200 µs (*trickle*: the server wakes for each, as a cluster instance does
-for the re-polls that nginx relays after a fan-out) or back to back (*burst*: many per wake-up, as
-one instance sees the re-polls of its own fan-out). The server CPU (user + system, every process
-but Redis) from the first send until all N are held, per poll. The difference between the two is
-the cost of waking up for one request on this machine, whoever the server is. Two rounds of each
-target, alternately.
+on each, either one every 200 µs (*trickle*: the server wakes for each) or back to back
+(*burst*: many per wake-up). The server CPU (``bench.scenarios.cpu_seconds``, every process but
+Redis) from the first send until all N are held, per poll. The difference between the two is the
+cost of waking up for one request on this machine, whoever the server is. (It does not decide the
+cluster's cost: making an instance's re-polls arrive in batches left its CPU where it was,
+bench/RESULTS.md.) Two rounds of each target, alternately.
 """
 
 from __future__ import annotations
